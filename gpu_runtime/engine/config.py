@@ -1,0 +1,138 @@
+"""Model and engine configuration, read from a Hugging Face ``config.json``.
+
+One ``ModelConfig`` covers the Llama family: Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5 and Qwen3 differ only in a
+few switches (qkv bias, q/k norm, rope scaling, tied embeddings), so one model implementation serves them all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+
+
+class ModelFileError(ValueError):
+    """A model directory file is missing, broken or describes something we cannot run."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    qk_norm: bool
+    eos_token_ids: tuple[int, ...] = field(default=())
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ModelFileError(f"{path}: file missing")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelFileError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ModelFileError(f"{path}: expected a JSON object")
+    return data
+
+
+def _eos_ids(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def load_model_config(model_dir: str) -> ModelConfig:
+    """Parse ``config.json`` (and ``generation_config.json`` for eos ids, which wins when present)."""
+    path = os.path.join(model_dir, "config.json")
+    raw = _read_json(path)
+    archs = raw.get("architectures") or []
+    arch = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
+    if arch is None:
+        raise ModelFileError(
+            f"{path}: unsupported architecture {archs or raw.get('model_type')!r}; "
+            f"supported: {', '.join(sorted(ARCHITECTURES))}"
+        )
+    if raw.get("hidden_act", "silu") != "silu":
+        raise ModelFileError(f"{path}: unsupported hidden_act {raw['hidden_act']!r} (only silu)")
+    try:
+        heads = int(raw["num_attention_heads"])
+        hidden = int(raw["hidden_size"])
+        # transformers >= 5 writes rope_parameters; older files have rope_theta and rope_scaling.
+        rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+        theta = float(rope.pop("rope_theta", raw.get("rope_theta", 10000.0)))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ModelFileError(f"{path}: unsupported rope type {rope_type!r} (default or llama3)")
+        cfg = ModelConfig(
+            architecture=arch,
+            hidden_size=hidden,
+            intermediate_size=int(raw["intermediate_size"]),
+            num_hidden_layers=int(raw["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+            head_dim=int(raw.get("head_dim") or hidden // heads),
+            vocab_size=int(raw["vocab_size"]),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=rope if rope_type == "llama3" else None,
+            max_position_embeddings=_max_positions(raw),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            attention_bias=arch == "qwen2" or bool(raw.get("attention_bias", False)),
+            qk_norm=arch == "qwen3",
+            eos_token_ids=_eos_ids(raw.get("eos_token_id")),
+        )
+    except KeyError as e:
+        raise ModelFileError(f"{path}: field {e.args[0]!r} missing") from e
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ModelFileError):
+            raise
+        raise ModelFileError(f"{path}: bad field value ({e})") from e
+    if cfg.num_attention_heads % cfg.num_key_value_heads:
+        raise ModelFileError(f"{path}: num_attention_heads must be a multiple of num_key_value_heads")
+    gen_path = os.path.join(model_dir, "generation_config.json")
+    if os.path.isfile(gen_path):
+        gen_eos = _eos_ids(_read_json(gen_path).get("eos_token_id"))
+        if gen_eos:
+            cfg = ModelConfig(**{**cfg.__dict__, "eos_token_ids": gen_eos})
+    return cfg
+
+
+def _max_positions(raw: dict) -> int:
+    """Longest sequence we run exactly. Sliding-window attention is not implemented, so a model that uses it
+    (Mistral v0.1: window 4096) is capped at its window, where full attention and sliding attention agree."""
+    limit = int(raw.get("max_position_embeddings", 4096))
+    window = raw.get("sliding_window")
+    uses_window = raw.get("use_sliding_window", raw.get("model_type") == "mistral")
+    if window and uses_window:
+        limit = min(limit, int(window))
+    return limit

@@ -1,0 +1,308 @@
+"""The HTTP face of WarmServe: OpenAI-compatible inference plus function CRUD, on Starlette.
+
+The gateway holds no state of its own beyond caches: functions live in Redis, invocations go to Redis streams,
+answers come back on per-request streams. Any number of gateways can run side by side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import orjson
+import redis
+import redis.asyncio as aredis
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from functions.spec import FunctionSpec, SpecError, parse_spec, parse_yaml
+from gateway.errors import ApiError
+from gateway.metrics import Metrics
+from gateway.openai_api import Parsed, chunk_body, completion_body, parse_chat, parse_completion, usage
+from gpu_runtime import Tokenizer
+from invoker import keys
+from invoker.registry import Registry
+from invoker.schemas import Invocation
+from invoker.submit import InvokerClient, NoWorkers, QueueFull, live_workers
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 4 << 20
+
+
+def json_response(data: object, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+class Gateway:
+    def __init__(self, redis_url: str, request_timeout_s: float = 300.0) -> None:
+        self.r = aredis.Redis.from_url(redis_url)
+        self.sync_r = redis.Redis.from_url(redis_url)
+        self.registry = Registry(self.sync_r)
+        self.invoker = InvokerClient(self.r, self.sync_r)
+        self.metrics = Metrics()
+        self.request_timeout_s = request_timeout_s
+        self.tokenizers: dict[tuple[str, str], Tokenizer] = {}
+
+    # ---- helpers ----
+    async def spec(self, name: object) -> FunctionSpec:
+        if not isinstance(name, str) or not name:
+            raise ApiError(400, "'model' is required: the name of a deployed function", param="model")
+        raw = await self.r.hget(keys.FUNCTIONS, name)
+        if raw is None:
+            raise ApiError(
+                404,
+                f"function '{name}' is not deployed (see GET /v1/models)",
+                param="model",
+                code="model_not_found",
+            )
+        return FunctionSpec.from_json(raw)
+
+    def tokenizer(self, spec: FunctionSpec) -> Tokenizer:
+        key = (spec.name, spec.model)
+        if key not in self.tokenizers:
+            self.tokenizers[key] = Tokenizer.from_pretrained(spec.model)
+        return self.tokenizers[key]
+
+    @staticmethod
+    async def body_json(request: Request) -> dict:
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            raise ApiError(413, f"request body is over {MAX_BODY_BYTES} bytes")
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "request body must be a JSON object")
+        return body
+
+    # ---- inference ----
+    async def completions(self, request: Request) -> Response:
+        return await self.infer(request, chat=False)
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self.infer(request, chat=True)
+
+    async def infer(self, request: Request, chat: bool) -> Response:
+        name = "?"
+        try:
+            body = await self.body_json(request)
+            spec = await self.spec(body.get("model"))
+            name = spec.name
+            tok = await asyncio.to_thread(self.tokenizer, spec)
+            parsed = (parse_chat if chat else parse_completion)(body, spec, tok)
+            rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+            inv = Invocation(rid, spec.name, parsed.prompt_ids, parsed.sampling)
+            try:
+                await self.invoker.submit(inv, spec)
+            except QueueFull as exc:
+                raise ApiError(429, str(exc), code="queue_full", retry_after=exc.retry_after_s) from None
+            except NoWorkers as exc:
+                raise ApiError(503, str(exc), code="no_workers", retry_after=5) from None
+            events = self.invoker.events(spec, rid, self.request_timeout_s)
+            if parsed.stream:
+                return await self.stream(spec, rid, parsed, events, chat)
+            return await self.collect(spec, rid, parsed, events, chat)
+        except ApiError as err:
+            self.metrics.request(name, err.status)
+            return err.response()
+
+    async def collect(
+        self, spec: FunctionSpec, rid: str, parsed: Parsed, events: AsyncIterator[dict], chat: bool
+    ) -> Response:
+        t0, parts, n = time.monotonic(), [], 0
+        async for ev in events:
+            if ev["type"] == "token":
+                if n == 0:
+                    self.metrics.first_token(spec.name, time.monotonic() - t0)
+                n += ev["id"] >= 0
+                parts.append(ev["text"])
+            elif ev["type"] == "error":
+                raise ApiError(ev["status"], ev["message"])
+            elif ev["type"] == "done":
+                self.metrics.request(spec.name, 200)
+                self.metrics.generated(spec.name, n)
+                text = "".join(parts)
+                return json_response(
+                    completion_body(rid, spec.name, text, ev["finish_reason"], len(parsed.prompt_ids), n, chat)
+                )
+        raise ApiError(500, "the answer stream ended without a result")
+
+    async def stream(
+        self, spec: FunctionSpec, rid: str, parsed: Parsed, events: AsyncIterator[dict], chat: bool
+    ) -> Response:
+        t0 = time.monotonic()
+        first = await anext(events)  # an error before any token still gets a proper HTTP status
+        if first["type"] == "error":
+            raise ApiError(first["status"], first["message"])
+
+        async def sse() -> AsyncIterator[bytes]:
+            n, finished = 0, False
+            try:
+                if chat:
+                    yield (b"data: " + orjson.dumps(chunk_body(rid, spec.name, "", None, True, first=True)) + b"\n\n")
+                pending = [first]
+                while True:
+                    ev = pending.pop() if pending else await anext(events)
+                    if ev["type"] == "token":
+                        if n == 0:
+                            self.metrics.first_token(spec.name, time.monotonic() - t0)
+                        n += ev["id"] >= 0
+                        if ev["text"]:
+                            chunk = chunk_body(rid, spec.name, ev["text"], None, chat)
+                            yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+                    elif ev["type"] == "error":
+                        err = {"error": {"message": ev["message"], "type": "server_error", "code": ev["status"]}}
+                        yield b"data: " + orjson.dumps(err) + b"\n\n"
+                        self.metrics.request(spec.name, ev["status"])
+                        break
+                    elif ev["type"] == "done":
+                        last = chunk_body(rid, spec.name, None if chat else "", ev["finish_reason"], chat)
+                        yield b"data: " + orjson.dumps(last) + b"\n\n"
+                        if parsed.include_usage:
+                            tail = {**chunk_body(rid, spec.name, None, None, chat), "choices": []}
+                            tail["usage"] = usage(len(parsed.prompt_ids), n)
+                            yield b"data: " + orjson.dumps(tail) + b"\n\n"
+                        self.metrics.request(spec.name, 200)
+                        self.metrics.generated(spec.name, n)
+                        break
+                finished = True
+                yield b"data: [DONE]\n\n"
+            finally:
+                if not finished:  # the client went away mid-answer
+                    await self.invoker.cancel(rid)
+                await events.aclose()
+
+        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def models(self, request: Request) -> Response:
+        specs = await asyncio.to_thread(self.registry.all)
+        data = [
+            {
+                "id": s.name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "warmserve",
+                "max_model_len": s.max_model_len,
+            }
+            for s in specs.values()
+        ]
+        return json_response({"object": "list", "data": data})
+
+    # ---- function CRUD ----
+    async def deploy(self, request: Request) -> Response:
+        try:
+            raw = (await request.body()).decode("utf-8", errors="replace")
+            ctype = request.headers.get("content-type", "")
+            if "json" in ctype:
+                try:
+                    doc = orjson.loads(raw)
+                except orjson.JSONDecodeError as exc:
+                    raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+                spec = parse_spec(doc, "request body")
+            else:
+                spec = parse_yaml(raw, "request body")
+            name = request.path_params.get("name")
+            if name is not None and name != spec.name:
+                raise ApiError(400, f"URL names '{name}' but the spec names '{spec.name}'", param="name")
+            created = await asyncio.to_thread(self.registry.deploy, spec)
+        except SpecError as err:
+            return ApiError(400, str(err), param=err.field).response()
+        except ApiError as err:
+            return err.response()
+        log.info(
+            "%s function %s (model %s, engine %s)",
+            "deployed" if created else "updated",
+            spec.name,
+            spec.model,
+            spec.engine,
+        )
+        return json_response(
+            {"name": spec.name, "created": created, "spec": orjson.loads(spec.to_json())},
+            201 if created else 200,
+        )
+
+    async def list_functions(self, request: Request) -> Response:
+        specs = await asyncio.to_thread(self.registry.all)
+        return json_response({"functions": [orjson.loads(s.to_json()) for s in specs.values()]})
+
+    async def get_function(self, request: Request) -> Response:
+        try:
+            spec = await self.spec(request.path_params["name"])
+        except ApiError as err:
+            return err.response()
+        return json_response(orjson.loads(spec.to_json()))
+
+    async def delete_function(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        if not await asyncio.to_thread(self.registry.remove, name):
+            return ApiError(404, f"function '{name}' is not deployed").response()
+        log.info("removed function %s", name)
+        return json_response({"name": name, "deleted": True})
+
+    # ---- operations ----
+    async def healthz(self, request: Request) -> Response:
+        try:
+            await self.r.ping()
+        except redis.RedisError as exc:
+            return json_response({"status": "error", "redis": str(exc)}, 503)
+        return json_response({"status": "ok"})
+
+    async def queue_depths(self) -> dict[str, int]:
+        names = [k.decode() for k in await self.r.hkeys(keys.FUNCTIONS)]
+        depths = await asyncio.gather(*(self.invoker.queue_depth(n) for n in names))
+        return dict(zip(names, depths, strict=True))
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        depths = await self.queue_depths()
+        workers = await live_workers(self.r)
+        return Response(self.metrics.render(depths, len(workers)), media_type="text/plain; version=0.0.4")
+
+    async def status(self, request: Request) -> Response:
+        depths = await self.queue_depths()
+        workers = await live_workers(self.r)
+        return json_response(
+            {
+                "workers": [w.__dict__ for w in workers],
+                "functions": {
+                    n: {"queue_depth": d, "states": {w.worker_id: w.models.get(n, "COLD") for w in workers}}
+                    for n, d in depths.items()
+                },
+            }
+        )
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/functions", self.list_functions, methods=["GET"]),
+            Route("/functions", self.deploy, methods=["POST"]),
+            Route("/functions/{name}", self.get_function, methods=["GET"]),
+            Route("/functions/{name}", self.deploy, methods=["PUT"]),
+            Route("/functions/{name}", self.delete_function, methods=["DELETE"]),
+            Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/metrics", self.metrics_endpoint, methods=["GET"]),
+            Route("/status", self.status, methods=["GET"]),
+        ]
+
+
+def create_app(redis_url: str, request_timeout_s: float = 300.0) -> Starlette:
+    gw = Gateway(redis_url, request_timeout_s)
+
+    async def on_error(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return ApiError(500, f"internal error: {type(exc).__name__}: {exc}").response()
+
+    app = Starlette(routes=gw.routes(), exception_handlers={Exception: on_error})
+    app.state.gateway = gw
+    return app
+
+
+__all__ = ["create_app"]

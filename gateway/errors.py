@@ -1,0 +1,44 @@
+"""OpenAI-style errors: every failure the gateway returns has this JSON shape and the right status."""
+
+from __future__ import annotations
+
+import orjson
+from starlette.responses import Response
+
+TYPES = {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: int = 0,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.retry_after = (
+            status,
+            message,
+            param,
+            code,
+            retry_after,
+        )
+
+    def response(self) -> Response:
+        body = {
+            "error": {
+                "message": self.message,
+                "type": TYPES.get(self.status, "server_error"),
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+        headers = {"Retry-After": str(self.retry_after)} if self.retry_after else None
+        return Response(orjson.dumps(body), status_code=self.status, media_type="application/json", headers=headers)

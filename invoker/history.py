@@ -1,0 +1,47 @@
+"""Arrival history per function: counts in fixed time buckets, the warmer's forecasting input.
+
+One HINCRBY per request keeps the gateway's hot path to a single round trip (pipelined with the XADD); old
+buckets are trimmed by the reader, so retention is bounded without a background job.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import redis
+
+from invoker import keys
+
+
+def bucket_of(ts: float, bucket_s: int = keys.HISTORY_BUCKET_S) -> int:
+    return int(ts // bucket_s) * bucket_s
+
+
+def record_arrival(pipe: redis.client.Pipeline, function: str, ts: float) -> None:
+    """Queue the count increment on a pipeline the caller executes (sync or async)."""
+    pipe.hincrby(keys.history(function), bucket_of(ts), 1)
+
+
+def read_counts(
+    r: redis.Redis,
+    function: str,
+    now: float,
+    window_s: int,
+    windows: int,
+    bucket_s: int = keys.HISTORY_BUCKET_S,
+) -> np.ndarray:
+    """Arrivals per window for the `windows` complete windows before `now`, oldest first; trims expired buckets."""
+    raw = r.hgetall(keys.history(function))
+    end = (int(now) // window_s) * window_s
+    start = end - windows * window_s
+    counts = np.zeros(windows, dtype=np.float64)
+    expired = []
+    horizon = end - keys.HISTORY_RETENTION_BUCKETS * bucket_s
+    for k, v in raw.items():
+        t = int(k)
+        if t < horizon:
+            expired.append(k)
+        elif start <= t < end:
+            counts[(t - start) // window_s] += int(v)
+    if expired:
+        r.hdel(keys.history(function), *expired)
+    return counts

@@ -1,0 +1,61 @@
+"""Every Redis key WarmServe writes, in one place.
+
+The README's key table is generated from the same names; each entry says which `redis-cli` command inspects it.
+All keys share the `ws:` prefix so one deployment's data is easy to find (`redis-cli --scan --pattern 'ws:*'`).
+"""
+
+from __future__ import annotations
+
+PREFIX = "ws"
+
+# Function registry: hash name -> FunctionSpec JSON.            redis-cli HGETALL ws:functions
+FUNCTIONS = f"{PREFIX}:functions"
+# Bumped on every deploy/rm so workers and gateways reload the registry.   redis-cli GET ws:functions:version
+FUNCTIONS_VERSION = f"{PREFIX}:functions:version"
+# Live workers: sorted set worker_id -> last heartbeat (unix s).  redis-cli ZRANGE ws:workers 0 -1 WITHSCORES
+WORKERS = f"{PREFIX}:workers"
+# Consumer group every worker joins on each invocation stream.   redis-cli XINFO GROUPS ws:inv:<fn>
+GROUP = "workers"
+# Warmer's persisted state (last plan time, per-function keep-alive marks).  redis-cli HGETALL ws:warmer
+WARMER_STATE = f"{PREFIX}:warmer"
+# Seconds per arrival-history bucket and how many buckets are kept.
+HISTORY_BUCKET_S = 60
+HISTORY_RETENTION_BUCKETS = 14 * 24 * 60
+
+
+def invocations(function: str) -> str:
+    """Stream of pending invocations of one function.   redis-cli XLEN ws:inv:<fn> ; XPENDING ws:inv:<fn> workers"""
+    return f"{PREFIX}:inv:{function}"
+
+
+def response(request_id: str) -> str:
+    """Stream of one request's events (start, tokens, done, error).   redis-cli XRANGE ws:resp:<id> - +"""
+    return f"{PREFIX}:resp:{request_id}"
+
+
+def worker(worker_id: str) -> str:
+    """Hash describing one worker (device, memory, model states); expires unless heartbeats refresh it.
+    redis-cli HGETALL ws:worker:<id>"""
+    return f"{PREFIX}:worker:{worker_id}"
+
+
+def control_queue(worker_id: str) -> str:
+    """RQ queue name of one worker's control jobs (load/prewarm/activate/deactivate/evict).
+    rq info --url redis://... ws-ctl-<id> ; redis-cli LLEN rq:queue:ws-ctl-<id>"""
+    return f"{PREFIX}-ctl-{worker_id}"
+
+
+def history(function: str) -> str:
+    """Hash bucket_start_unix_s -> arrivals in that bucket (the warmer's input).   redis-cli HGETALL ws:hist:<fn>"""
+    return f"{PREFIX}:hist:{function}"
+
+
+# Pub/sub channel where gateways announce requests whose client went away, so workers stop generating them.
+# redis-cli SUBSCRIBE ws:cancel
+CANCEL_CHANNEL = f"{PREFIX}:cancel"
+
+
+def routing_lock(function: str) -> str:
+    """Short-lived marker: an activate job for this function was just sent, don't send another.
+    redis-cli TTL ws:routing:<fn>"""
+    return f"{PREFIX}:routing:{function}"

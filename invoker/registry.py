@@ -1,0 +1,49 @@
+"""The function registry: which functions exist and their specs, stored in one Redis hash.
+
+Deploying creates the function's invocation stream and consumer group up front, so a worker can join the group
+before the first request and a request can never land in a stream nobody reads.
+"""
+
+from __future__ import annotations
+
+import redis
+
+from functions.spec import FunctionSpec
+from invoker import keys
+
+
+class Registry:
+    def __init__(self, r: redis.Redis) -> None:
+        self.r = r
+
+    def deploy(self, spec: FunctionSpec) -> bool:
+        """Store (or replace) a function; True when it is new."""
+        try:
+            self.r.xgroup_create(keys.invocations(spec.name), keys.GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        with self.r.pipeline() as p:
+            p.hset(keys.FUNCTIONS, spec.name, spec.to_json())
+            p.incr(keys.FUNCTIONS_VERSION)
+            created, _ = p.execute()
+        return bool(created)
+
+    def remove(self, name: str) -> bool:
+        """Forget a function and its queue; False when it did not exist."""
+        with self.r.pipeline() as p:
+            p.hdel(keys.FUNCTIONS, name)
+            p.delete(keys.invocations(name), keys.history(name))
+            p.incr(keys.FUNCTIONS_VERSION)
+            removed, _, _ = p.execute()
+        return bool(removed)
+
+    def get(self, name: str) -> FunctionSpec | None:
+        raw = self.r.hget(keys.FUNCTIONS, name)
+        return FunctionSpec.from_json(raw) if raw else None
+
+    def all(self) -> dict[str, FunctionSpec]:
+        return {k.decode(): FunctionSpec.from_json(v) for k, v in self.r.hgetall(keys.FUNCTIONS).items()}
+
+    def version(self) -> int:
+        return int(self.r.get(keys.FUNCTIONS_VERSION) or 0)

@@ -1,0 +1,186 @@
+"""Attention over the paged KV cache.
+
+KV cache layout: one flat buffer of ``num_blocks`` blocks, block-major (``[block, layer, k|v, slot, kv_head,
+head_dim]``), so block ``b`` is the byte range ``[b * kv_block_bytes, (b + 1) * kv_block_bytes)`` and the top of
+the buffer can be unmapped or lent. Each layer sees strided ``[num_blocks, block_size, kv_heads, head_dim]`` views.
+
+Prefill: new K/V are written to their slots, then per-sequence SDPA (flash on CUDA) runs on the fresh K/V, or on
+K/V gathered from the cache when part of the sequence was computed before (chunked prefill, recompute).
+Decode: a Triton paged-attention kernel on CUDA (graph-capturable: all sizes come from tensors), a torch gather
++ SDPA reference on CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch paths below are used.
+    triton = None
+
+
+@dataclass
+class PrefillSeq:
+    q_start: int  # rows of this sequence's new tokens in the flattened batch
+    q_end: int
+    num_cached: int  # tokens already in the cache before this chunk
+    block_table: torch.Tensor  # int64 block ids covering num_cached + new tokens
+
+
+@dataclass
+class AttnMeta:
+    is_prefill: bool
+    slot_block: torch.Tensor  # [T] block id of each new token (-1: skip; CUDA graph padding)
+    slot_offset: torch.Tensor  # [T] position inside the block
+    prefill: list[PrefillSeq] | None = None
+    block_tables: torch.Tensor | None = None  # decode: [B, max_blocks] int32
+    context_lens: torch.Tensor | None = None  # decode: [B] int32, including the new token
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta):
+    """Write new K/V ([T, kv_heads, head_dim]) into their cache slots."""
+    if k.is_cuda and triton is not None:
+        n = k.shape[1] * k.shape[2]
+        _store_kv_kernel[(k.shape[0],)](
+            k, v, k_cache, v_cache, meta.slot_block, meta.slot_offset,
+            k.stride(0), v.stride(0), k_cache.stride(0), k_cache.stride(1),
+            N=n, N_PAD=triton.next_power_of_2(n),
+        )  # fmt: skip
+        return
+    k_cache[meta.slot_block, meta.slot_offset] = k
+    v_cache[meta.slot_block, meta.slot_offset] = v
+
+
+def prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta
+) -> torch.Tensor:
+    """Causal attention for each sequence's new tokens; q [T, H, D], k/v [T, KVH, D] -> [T, H, D]."""
+    out = torch.empty_like(q)
+    block_size = k_cache.shape[1]
+    for s in meta.prefill:
+        qs = q[s.q_start : s.q_end].transpose(0, 1).unsqueeze(0)
+        n = s.q_end - s.q_start
+        if s.num_cached == 0:
+            ks, vs, mask = k[s.q_start : s.q_end], v[s.q_start : s.q_end], None
+        else:
+            total = s.num_cached + n
+            blocks = s.block_table[: -(-total // block_size)]
+            ks = k_cache[blocks].flatten(0, 1)[:total]
+            vs = v_cache[blocks].flatten(0, 1)[:total]
+            pos = torch.arange(total, device=q.device)
+            mask = pos[None, :] <= pos[s.num_cached :, None]
+        o = F.scaled_dot_product_attention(
+            qs,
+            ks.transpose(0, 1).unsqueeze(0),
+            vs.transpose(0, 1).unsqueeze(0),
+            attn_mask=mask,
+            is_causal=mask is None,
+            enable_gqa=True,
+        )
+        out[s.q_start : s.q_end] = o[0].transpose(0, 1)
+    return out
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
+    """One query token per sequence; q [B, H, D] -> [B, H, D]."""
+    if q.is_cuda and triton is not None:
+        return paged_decode_triton(q, k_cache, v_cache, meta.block_tables, meta.context_lens)
+    return paged_decode_torch(q, k_cache, v_cache, meta.block_tables, meta.context_lens)
+
+
+def paged_decode_torch(q, k_cache, v_cache, block_tables, context_lens) -> torch.Tensor:
+    """Reference paged decode: gather each sequence's blocks, mask past its length, SDPA."""
+    b, _, d = q.shape
+    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    nblocks = -(-int(context_lens.max()) // block_size)
+    table = block_tables[:, :nblocks].long()
+    ks = k_cache[table].reshape(b, nblocks * block_size, kv_heads, d).transpose(1, 2)
+    vs = v_cache[table].reshape(b, nblocks * block_size, kv_heads, d).transpose(1, 2)
+    mask = torch.arange(nblocks * block_size, device=q.device)[None, :] < context_lens[:, None]
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), ks, vs, attn_mask=mask[:, None, None, :], enable_gqa=True)
+    return o.squeeze(2)
+
+
+def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens) -> torch.Tensor:
+    b, h, d = q.shape
+    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = h // kv_heads
+    out = torch.empty_like(q)
+    pages = max(1, 64 // block_size)
+    _paged_decode_kernel[(b, kv_heads)](
+        q, k_cache, v_cache, out, block_tables, context_lens, d**-0.5,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size,
+        HEAD_DIM=d, D_PAD=triton.next_power_of_2(d), PAGES=pages,
+        num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _store_kv_kernel(
+        K, V, KC, VC, SLOT_BLOCK, SLOT_OFF, stride_k, stride_v, stride_cb, stride_ct,
+        N: tl.constexpr, N_PAD: tl.constexpr,
+    ):  # fmt: skip
+        t = tl.program_id(0)
+        block = tl.load(SLOT_BLOCK + t).to(tl.int64)
+        off = tl.load(SLOT_OFF + t).to(tl.int64)
+        i = tl.arange(0, N_PAD)
+        mask = (i < N) & (block >= 0)
+        dst = block * stride_cb + off * stride_ct + i
+        tl.store(KC + dst, tl.load(K + t * stride_k + i, mask=mask), mask=mask)
+        tl.store(VC + dst, tl.load(V + t * stride_v + i, mask=mask), mask=mask)
+
+    @triton.jit
+    def _paged_decode_kernel(
+        Q, KC, VC, OUT, TABLES, LENS, scale,
+        stride_qb, stride_qh, stride_cb, stride_ct, stride_ch, stride_tb, stride_ob, stride_oh,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGES: tl.constexpr,
+    ):  # fmt: skip
+        # One program per (sequence, kv head): all GROUP query heads sharing that kv head are one tl.dot tile,
+        # so GQA reads each K/V block once. Online softmax over tiles of PAGES blocks.
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        length = tl.load(LENS + b)
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, D_PAD)
+        gmask = g < GROUP
+        dmask = d < HEAD_DIM
+        heads = kvh * GROUP + g
+        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None] & dmask[None, :])
+        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        den = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
+        t = tl.arange(0, BLOCK_SIZE * PAGES)
+        for start in range(0, length, BLOCK_SIZE * PAGES):
+            pos = start + t
+            valid = pos < length
+            page = tl.load(TABLES + b * stride_tb + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+            off = page * stride_cb + (pos % BLOCK_SIZE) * stride_ct + kvh * stride_ch
+            kv_mask = valid[:, None] & dmask[None, :]
+            k = tl.load(KC + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(s - m_new[:, None])
+            den = den * alpha + tl.sum(p, 1)
+            v = tl.load(VC + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
+        den = tl.where(den == 0.0, 1.0, den)  # length 0: CUDA graph padding rows
+        out = acc / den[:, None]
+        tl.store(
+            OUT + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
+            out.to(OUT.dtype.element_ty),
+            mask=gmask[:, None] & dmask[None, :],
+        )

@@ -1,0 +1,317 @@
+"""The engine: requests in, tokens out, over a paged KV cache with continuous batching.
+
+Memory seam: weights are one buffer described by a ``WeightLayout``; the KV cache is one block-major buffer that
+can be attached and detached (HOT <-> WARM) and whose top can be lent out (``set_kv_limit``). Both come from an
+``Allocator`` unless handed in.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+
+import torch
+
+from gpu_runtime.allocator import Allocator, TorchAllocator
+from gpu_runtime.engine.block_manager import BlockManager
+from gpu_runtime.engine.config import ModelConfig, load_model_config
+from gpu_runtime.engine.model import LlamaModel
+from gpu_runtime.engine.model_runner import ModelRunner
+from gpu_runtime.engine.sampler import sample
+from gpu_runtime.engine.scheduler import Scheduler
+from gpu_runtime.engine.sequence import RequestOutput, SamplingParams, Sequence, StepOutput
+from gpu_runtime.weights import WeightLayout, load_weights, plan_weights
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Default KV size on CPU (tests, CI): plenty for small models, bounded for big ones.
+CPU_KV_BYTES = 512 * 1024 * 1024
+# Default on CUDA: free memory minus this headroom for activations and CUDA graphs.
+CUDA_KV_HEADROOM = 4 * 1024**3
+
+
+def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class Engine:
+    def __init__(
+        self,
+        model_dir: str,
+        layout: WeightLayout,
+        weights: torch.Tensor,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "float32",
+        allocator: Allocator | None = None,
+        num_kv_blocks: int | None = 0,
+        block_size: int = 16,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 8192,
+        max_model_len: int | None = None,
+        enforce_eager: bool = False,
+    ) -> None:
+        self.device = torch.device(device)
+        self.dtype = _dtype(dtype)
+        if layout.dtype != self.dtype:
+            raise ValueError(f"weight layout is {layout.dtype}, engine dtype is {self.dtype}")
+        self.config: ModelConfig = load_model_config(model_dir)
+        self.model_dir = model_dir
+        self.allocator = allocator or TorchAllocator(self.device)
+        self.block_size = block_size
+        self.max_model_len = min(
+            max_model_len or self.config.max_position_embeddings, self.config.max_position_embeddings
+        )
+        self.model = LlamaModel(self.config, layout, weights)
+        self._weights = weights
+        self._weights_owned = False
+        self.runner = ModelRunner(
+            self.config, self.model, self.device, block_size, max_num_seqs, self.max_model_len, not enforce_eager
+        )
+        c = self.config
+        self.kv_block_bytes = 2 * c.num_hidden_layers * block_size * c.num_key_value_heads * c.head_dim
+        self.kv_block_bytes *= weights.new_empty((), dtype=self.dtype).element_size()
+        self.blocks = BlockManager(0, block_size)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, self._grow)
+        self.kv_pressure_hook: Callable[[int], int] | None = None
+        self._kv_buffer: torch.Tensor | None = None
+        self._kv_owned = False
+        self._lock = threading.Lock()
+        self._new: list[Sequence] = []
+        self._aborted: set[str] = set()
+        self._seqs: dict[str, Sequence] = {}
+        if num_kv_blocks is None:
+            num_kv_blocks = self._default_kv_blocks(max_num_seqs)
+        if num_kv_blocks:
+            self.attach_kv(self.allocator.allocate(num_kv_blocks * self.kv_block_bytes, "kv"))
+            self._kv_owned = True
+
+    # construction --------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        device: str = "cpu",
+        dtype: str = "float32",
+        allocator: Allocator | None = None,
+        num_kv_blocks: int | None = None,
+        block_size: int = 16,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 8192,
+        **kwargs,
+    ) -> Engine:
+        """Load a Hugging Face directory: plan the weight buffer, allocate it, read the safetensors into it."""
+        torch_dtype = _dtype(dtype)
+        layout = plan_weights(path, torch_dtype)
+        allocator = allocator or TorchAllocator(device)
+        weights = allocator.allocate(layout.total_bytes, "weights")
+        load_weights(layout, weights)
+        engine = cls(
+            layout.model_dir, layout, weights, device, torch_dtype, allocator, num_kv_blocks,
+            block_size, max_num_seqs, max_num_batched_tokens, **kwargs,
+        )  # fmt: skip
+        engine._weights_owned = True
+        return engine
+
+    @classmethod
+    def from_weights(
+        cls,
+        model_dir: str,
+        layout: WeightLayout,
+        weights: torch.Tensor,
+        device: str | torch.device,
+        dtype: str | torch.dtype,
+        allocator: Allocator | None = None,
+        num_kv_blocks: int | None = 0,
+        **kwargs,
+    ) -> Engine:
+        """An engine over weights already in ``weights`` (e.g. the worker's pool); no copy. With the default
+        ``num_kv_blocks=0`` it starts WARM: call ``attach_kv`` before serving."""
+        return cls(model_dir, layout, weights, device, dtype, allocator, num_kv_blocks, **kwargs)
+
+    def _default_kv_blocks(self, max_num_seqs: int) -> int:
+        want = max_num_seqs * -(-self.max_model_len // self.block_size)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = free - CUDA_KV_HEADROOM
+        else:
+            budget = CPU_KV_BYTES
+        blocks = min(want, budget // self.kv_block_bytes)
+        if blocks < 1:
+            raise RuntimeError(f"no memory left for a KV cache on {self.device}")
+        return int(blocks)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self.config.eos_token_ids
+
+    # KV memory seam ------------------------------------------------------------------------------------------
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.blocks.num_blocks
+
+    def attach_kv(self, buffer: torch.Tensor) -> None:
+        """Use ``buffer`` (uint8, a multiple of ``kv_block_bytes``) as the KV cache; blocks are its slices."""
+        if self._kv_buffer is not None:
+            raise RuntimeError("a KV buffer is already attached; detach_kv() first")
+        if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.device != self.device:
+            raise ValueError(f"KV buffer must be a 1-D uint8 tensor on {self.device}")
+        if buffer.numel() % self.kv_block_bytes or buffer.numel() == 0:
+            raise ValueError(f"KV buffer of {buffer.numel()} bytes is not a multiple of {self.kv_block_bytes}")
+        num_blocks = buffer.numel() // self.kv_block_bytes
+        self._kv_buffer = buffer
+        self.blocks.__init__(num_blocks, self.block_size)
+        self.runner.set_kv(buffer, num_blocks)
+        log.info("KV cache attached: %d blocks of %d bytes", num_blocks, self.kv_block_bytes)
+
+    def detach_kv(self) -> None:
+        """Drop the KV cache views (the caller owns the buffer; an engine-allocated one is released)."""
+        with self._lock:
+            busy = self.scheduler.has_unfinished() or self._new
+        if busy:
+            raise RuntimeError("detach_kv: requests are still running; abort or finish them first")
+        buffer, self._kv_buffer = self._kv_buffer, None
+        self.runner.set_kv(None, 0)
+        self.blocks.__init__(0, self.block_size)
+        if buffer is not None and self._kv_owned:
+            self.allocator.release(buffer)
+        self._kv_owned = False
+
+    def set_kv_limit(self, blocks: int) -> bool:
+        """Use only block ids < ``blocks``; False if a block at or above it is in use (nothing changes)."""
+        return self.blocks.set_limit(blocks)
+
+    def _grow(self, want: int) -> None:
+        """Scheduler ran short by ``want`` blocks: ask the pressure hook to give some of the lent top back.
+        The hook returns how many blocks it freed above the limit; the engine raises its limit by that much
+        (a hook that already called ``set_kv_limit`` itself gives the same result)."""
+        if self.kv_pressure_hook is None or self.blocks.limit >= self.blocks.num_blocks:
+            return
+        old = self.blocks.limit
+        given = max(0, int(self.kv_pressure_hook(want)))
+        self.blocks.set_limit(max(self.blocks.limit, old + given))
+
+    # requests ------------------------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request (thread-safe); its tokens come out of ``step``."""
+        if not prompt_ids:
+            raise ValueError(f"request {request_id}: empty prompt")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(
+                f"request {request_id}: prompt of {len(prompt_ids)} tokens leaves no room "
+                f"(max_model_len {self.max_model_len})"
+            )
+        vocab = self.config.vocab_size
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise ValueError(f"request {request_id}: token id out of range [0, {vocab})")
+        with self._lock:
+            self._new.append(Sequence(request_id, prompt_ids, params))
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request (thread-safe); the next ``step`` reports it finished with reason "abort"."""
+        with self._lock:
+            self._aborted.add(request_id)
+
+    def has_unfinished(self) -> bool:
+        with self._lock:
+            return bool(self._new) or self.scheduler.has_unfinished()
+
+    def step(self) -> list[StepOutput]:
+        """Run one batch; call from one thread only."""
+        outputs = self._take_new_and_aborts()
+        if self._kv_buffer is None:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("no KV cache attached; call attach_kv() before serving")
+            return outputs
+        batch, hopeless = self.scheduler.schedule()
+        for seq in hopeless:
+            outputs.append(self._finish(seq, "length"))
+        if batch is None or not batch.chunks:
+            return outputs
+        logits = self.runner.run(batch)
+        sampled_seqs = [c.seq for c in batch.chunks if c.samples]
+        tokens = sample(logits, sampled_seqs) if sampled_seqs else []
+        self.scheduler.postprocess(batch, tokens)
+        for seq in sampled_seqs:
+            reason = self._stop_reason(seq)
+            new = seq.completion_ids[seq.num_returned :]
+            seq.num_returned = seq.num_completion
+            if reason:
+                self.scheduler.remove(seq)
+                self._seqs.pop(seq.request_id, None)
+                seq.finish_reason = reason
+            outputs.append(StepOutput(seq.request_id, new, reason is not None, reason))
+        return outputs
+
+    def _take_new_and_aborts(self) -> list[StepOutput]:
+        with self._lock:
+            new, self._new = self._new, []
+            aborted, self._aborted = self._aborted, set()
+        outputs = []
+        for seq in new:
+            if seq.request_id in aborted:
+                aborted.discard(seq.request_id)
+                outputs.append(StepOutput(seq.request_id, [], True, "abort"))
+                continue
+            self._seqs[seq.request_id] = seq
+            self.scheduler.add(seq)
+        for rid in aborted:
+            seq = self._seqs.get(rid)
+            if seq is not None:
+                outputs.append(self._finish(seq, "abort"))
+        return outputs
+
+    def _finish(self, seq: Sequence, reason: str) -> StepOutput:
+        self.scheduler.remove(seq)
+        self._seqs.pop(seq.request_id, None)
+        seq.finish_reason = reason
+        new = seq.completion_ids[seq.num_returned :]
+        seq.num_returned = seq.num_completion
+        return StepOutput(seq.request_id, new, True, reason)
+
+    def _stop_reason(self, seq: Sequence) -> str | None:
+        p = seq.params
+        last = seq.token_ids[-1]
+        if last in p.stop_token_ids or (not p.ignore_eos and last in self.config.eos_token_ids):
+            return "stop"
+        if seq.num_completion >= p.max_tokens or len(seq) >= self.max_model_len:
+            return "length"
+        return None
+
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+    ) -> list[RequestOutput]:
+        """Run prompts to completion (continuous batching across them); outputs in prompt order."""
+        params = params or SamplingParams()
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"gen-{uuid.uuid4().hex[:12]}" for _ in prompts]
+        results = {rid: RequestOutput(rid, list(p), [], None) for rid, p in zip(ids, prompts, strict=True)}
+        for rid, prompt, p in zip(ids, prompts, plist, strict=True):
+            self.add_request(rid, prompt, p)
+        pending = set(ids)
+        while pending:
+            for out in self.step():
+                if out.request_id in results:
+                    results[out.request_id].token_ids += out.new_token_ids
+                    if out.finished:
+                        results[out.request_id].finish_reason = out.finish_reason
+                        pending.discard(out.request_id)
+        return [results[rid] for rid in ids]
+
+    def release(self) -> None:
+        """Give buffers the engine allocated (KV; weights too after from_pretrained) back to the allocator."""
+        self.detach_kv()
+        if self._weights_owned:
+            self._weights_owned = False
+            self.model = self.runner = None
+            self.allocator.release(self._weights)

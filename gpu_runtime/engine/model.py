@@ -1,0 +1,130 @@
+"""The Llama-family forward pass over weight views (no nn.Module, no copies).
+
+Every weight is a view of the model's single weight buffer (see ``gpu_runtime.weights``); q/k/v and gate/up
+are fused views, so a layer is five matmuls. Numerics follow transformers (RMSNorm in float32, rotary tables in
+float32 cast to the activation dtype) so CPU float32 output is token-identical to it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from gpu_runtime.engine.attention import AttnMeta, decode_attention, prefill_attention, store_kv
+from gpu_runtime.engine.config import ModelConfig
+from gpu_runtime.weights import WeightLayout
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    o: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+def inv_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """Rotary inverse frequencies, with Llama 3 long-context scaling when configured (as transformers does)."""
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    rs = cfg.rope_scaling
+    if not rs:
+        return inv
+    factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old_len = rs["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old_len / low, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class LlamaModel:
+    def __init__(self, cfg: ModelConfig, layout: WeightLayout, weights: torch.Tensor) -> None:
+        self.cfg = cfg
+        w = lambda name: layout.view(weights, name)  # noqa: E731
+        self.embed = w("model.embed_tokens.weight")
+        self.norm = w("model.norm.weight")
+        self.lm_head = self.embed if cfg.tie_word_embeddings else w("lm_head.weight")
+        self.layers = []
+        for i in range(cfg.num_hidden_layers):
+            p = f"model.layers.{i}."
+            a = p + "self_attn."
+            self.layers.append(
+                LayerWeights(
+                    input_norm=w(p + "input_layernorm.weight"),
+                    qkv=layout.fused(weights, [a + f"{x}_proj.weight" for x in "qkv"]),
+                    qkv_bias=layout.fused(weights, [a + f"{x}_proj.bias" for x in "qkv"])
+                    if cfg.attention_bias
+                    else None,
+                    q_norm=w(a + "q_norm.weight") if cfg.qk_norm else None,
+                    k_norm=w(a + "k_norm.weight") if cfg.qk_norm else None,
+                    o=w(a + "o_proj.weight"),
+                    post_norm=w(p + "post_attention_layernorm.weight"),
+                    gate_up=layout.fused(weights, [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]),
+                    down=w(p + "mlp.down_proj.weight"),
+                )
+            )
+        freqs = torch.outer(torch.arange(cfg.max_position_embeddings).float(), inv_frequencies(cfg))
+        emb = torch.cat((freqs, freqs), dim=-1).to(weights.device)
+        self.cos = emb.cos().to(layout.dtype)
+        self.sin = emb.sin().to(layout.dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttnMeta,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        """Hidden states [T, hidden] after the final norm for flattened tokens ``input_ids`` [T]."""
+        cfg = self.cfg
+        h = F.embedding(input_ids, self.embed)
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
+            x = rms_norm(h, layer.input_norm, cfg.rms_norm_eps)
+            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+            q = q.view(-1, cfg.num_attention_heads, cfg.head_dim)
+            k = k.view(-1, cfg.num_key_value_heads, cfg.head_dim)
+            v = v.view(-1, cfg.num_key_value_heads, cfg.head_dim)
+            if cfg.qk_norm:
+                q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
+                k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            store_kv(k, v, k_cache, v_cache, meta)
+            if meta.is_prefill:
+                o = prefill_attention(q, k, v, k_cache, v_cache, meta)
+            else:
+                o = decode_attention(q, k_cache, v_cache, meta)
+            h = h + F.linear(o.flatten(1), layer.o)
+            x = rms_norm(h, layer.post_norm, cfg.rms_norm_eps)
+            gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
+            h = h + F.linear(F.silu(gate) * up, layer.down)
+        return rms_norm(h, self.norm, cfg.rms_norm_eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head).float()

@@ -1,0 +1,162 @@
+"""Turns a scheduled batch into tensors, runs the model, and replays CUDA graphs for decode.
+
+Decode graphs are captured lazily per padded batch size and keyed by the KV buffer's (address, size): weights
+live at fixed addresses for the life of the worker, so after ``detach_kv`` + ``attach_kv`` at the same address
+the captured graphs are valid again and are reused; a KV buffer at a new address gets its own graphs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from gpu_runtime.engine.attention import AttnMeta, PrefillSeq
+from gpu_runtime.engine.config import ModelConfig
+from gpu_runtime.engine.model import LlamaModel
+from gpu_runtime.engine.scheduler import Batch
+
+log = logging.getLogger(__name__)
+
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        model: LlamaModel,
+        device: torch.device,
+        block_size: int,
+        max_num_seqs: int,
+        max_model_len: int,
+        use_cuda_graphs: bool,
+    ) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.device = device
+        self.block_size = block_size
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.kv_key: tuple[int, int] | None = None
+        # Slot indices: int32 for the Triton kernels on CUDA, int64 for torch indexing on CPU.
+        self._index_dtype = torch.int32 if device.type == "cuda" else torch.long
+        self.use_cuda_graphs = use_cuda_graphs and device.type == "cuda"
+        self.graph_sizes = [b for b in GRAPH_BATCH_SIZES if b < max_num_seqs] + [max_num_seqs]
+        self.graphs: dict[tuple[tuple[int, int], int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if self.use_cuda_graphs:
+            self._pool = torch.cuda.graph_pool_handle()
+            n = max(self.graph_sizes)
+            i32 = dict(dtype=torch.int32, device=device)
+            self._static = {
+                "input_ids": torch.zeros(n, dtype=torch.long, device=device),
+                "positions": torch.zeros(n, dtype=torch.long, device=device),
+                "slot_block": torch.full((n,), -1, **i32),
+                "slot_offset": torch.zeros(n, **i32),
+                "block_tables": torch.zeros(n, self.max_blocks_per_seq, **i32),
+                "context_lens": torch.zeros(n, **i32),
+            }
+
+    # KV cache ------------------------------------------------------------------------------------------------
+
+    def set_kv(self, buffer: torch.Tensor | None, num_blocks: int) -> None:
+        """Carve per-layer K/V views from a block-major uint8 buffer (None: drop them)."""
+        if buffer is None:
+            self.kv_caches, self.kv_key = [], None
+            return
+        c = self.cfg
+        shape = (num_blocks, c.num_hidden_layers, 2, self.block_size, c.num_key_value_heads, c.head_dim)
+        n = 1
+        for x in shape:
+            n *= x
+        cache = buffer[: n * self.model.embed.element_size()].view(self.model.embed.dtype).view(shape)
+        self.kv_caches = [(cache[:, i, 0], cache[:, i, 1]) for i in range(c.num_hidden_layers)]
+        self.kv_key = (buffer.data_ptr(), buffer.numel())
+
+    # batches -------------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def run(self, batch: Batch) -> torch.Tensor:
+        """float32 logits for every chunk that samples, in batch order."""
+        if batch.is_prefill:
+            return self._prefill(batch)
+        return self._decode(batch)
+
+    def _slots(self, seq, start: int, end: int) -> tuple[list[int], list[int]]:
+        bs = self.block_size
+        return [seq.block_table[p // bs] for p in range(start, end)], [p % bs for p in range(start, end)]
+
+    def _prefill(self, batch: Batch) -> torch.Tensor:
+        ids, positions, blocks, offsets, seqs, last = [], [], [], [], [], []
+        for c in batch.chunks:
+            start = len(ids)
+            ids += c.seq.token_ids[c.start : c.end]
+            positions += range(c.start, c.end)
+            b, o = self._slots(c.seq, c.start, c.end)
+            blocks += b
+            offsets += o
+            table = torch.tensor(c.seq.block_table, dtype=torch.long, device=self.device) if c.start else None
+            seqs.append(PrefillSeq(start, len(ids), c.start, table))
+            if c.samples:
+                last.append(len(ids) - 1)
+        t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt).to(self.device, non_blocking=True)  # noqa: E731
+        meta = AttnMeta(True, t(blocks, self._index_dtype), t(offsets, self._index_dtype), prefill=seqs)
+        hidden = self.model.forward(t(ids), t(positions), meta, self.kv_caches)
+        return self.model.logits(hidden[t(last)])
+
+    def _decode(self, batch: Batch) -> torch.Tensor:
+        seqs = [c.seq for c in batch.chunks]
+        n = len(seqs)
+        ids = [s.token_ids[-1] for s in seqs]
+        positions = [len(s) - 1 for s in seqs]
+        blocks = [s.block_table[p // self.block_size] for s, p in zip(seqs, positions, strict=True)]
+        offsets = [p % self.block_size for p in positions]
+        width = max(len(s.block_table) for s in seqs)
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+        lens = [len(s) for s in seqs]
+        graph_bs = next((b for b in self.graph_sizes if b >= n), None) if self.use_cuda_graphs else None
+        if graph_bs is None:
+            t = lambda x, dt: torch.tensor(x, dtype=dt).to(self.device, non_blocking=True)  # noqa: E731
+            meta = AttnMeta(False, t(blocks, self._index_dtype), t(offsets, self._index_dtype))
+            meta.block_tables, meta.context_lens = t(tables, torch.int32), t(lens, torch.int32)
+            hidden = self.model.forward(t(ids, torch.long), t(positions, torch.long), meta, self.kv_caches)
+            return self.model.logits(hidden)
+        graph, logits = self._graph(graph_bs)  # capture first: capturing resets the static inputs
+        s = self._static
+        s["input_ids"][:n].copy_(torch.tensor(ids), non_blocking=True)
+        s["positions"][:n].copy_(torch.tensor(positions), non_blocking=True)
+        s["slot_block"][:n].copy_(torch.tensor(blocks), non_blocking=True)
+        s["slot_block"][n:graph_bs].fill_(-1)
+        s["slot_offset"][:n].copy_(torch.tensor(offsets), non_blocking=True)
+        s["block_tables"][:n, :width].copy_(torch.tensor(tables), non_blocking=True)
+        s["context_lens"][:n].copy_(torch.tensor(lens), non_blocking=True)
+        s["context_lens"][n:graph_bs].zero_()
+        graph.replay()
+        return logits[:n]
+
+    def _graph(self, bs: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        key = (self.kv_key, bs)
+        if key not in self.graphs:
+            began = time.perf_counter()
+            s = self._static
+            s["slot_block"][:bs].fill_(-1)  # the warm-up run must not write into live KV blocks
+            s["context_lens"][:bs].zero_()
+            meta = AttnMeta(False, s["slot_block"][:bs], s["slot_offset"][:bs])
+            meta.block_tables, meta.context_lens = s["block_tables"][:bs], s["context_lens"][:bs]
+
+            def run() -> torch.Tensor:
+                hidden = self.model.forward(s["input_ids"][:bs], s["positions"][:bs], meta, self.kv_caches)
+                return self.model.logits(hidden)
+
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                run()  # compiles Triton kernels and warms cuBLAS outside the capture
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                logits = run()
+            self.graphs[key] = (graph, logits)
+            log.info("captured decode CUDA graph for batch %d in %.0f ms", bs, 1e3 * (time.perf_counter() - began))
+        return self.graphs[key]

@@ -1,0 +1,153 @@
+"""Continuous batching: each step is either a prefill batch (new prompts, in chunks of at most
+``max_num_batched_tokens``) or a decode batch (one token for every running sequence).
+
+Prefill goes first, so new requests join the running batch at the next step. When KV blocks run short the
+scheduler first asks for more (``grow``: the engine's KV pressure hook) and otherwise preempts the most recently
+admitted sequence: its blocks are freed and it is recomputed later from its tokens, so no token changes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gpu_runtime.engine.block_manager import BlockManager
+from gpu_runtime.engine.sequence import Sequence, Status
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Chunk:
+    """Tokens ``[start, end)`` of ``seq`` are computed this step; a token is sampled if ``end == len(seq)``."""
+
+    seq: Sequence
+    start: int
+    end: int
+
+    @property
+    def samples(self) -> bool:
+        return self.end == len(self.seq)
+
+
+@dataclass
+class Batch:
+    chunks: list[Chunk]
+    is_prefill: bool
+
+
+class Scheduler:
+    def __init__(
+        self,
+        blocks: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        grow: Callable[[int], None],
+    ) -> None:
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.grow = grow
+        self.waiting: deque[Sequence] = deque()
+        self.running: deque[Sequence] = deque()
+        self.num_preemptions = 0
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop a sequence (finished or aborted) and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq)
+        seq.status = Status.FINISHED
+
+    def _reserve(self, need: int) -> bool:
+        """True if ``need`` blocks are free, after asking ``grow`` for the shortfall."""
+        if need > self.blocks.num_free:
+            self.grow(need - self.blocks.num_free)
+        return need <= self.blocks.num_free
+
+    def schedule(self) -> tuple[Batch | None, list[Sequence]]:
+        """The next batch, and sequences that can never fit in the KV cache (to be finished by the caller)."""
+        batch = self._schedule_prefill()
+        if batch is None and not self.running and self.waiting:
+            return None, self._unblock()
+        if batch is None and self.running:
+            batch = self._schedule_decode()
+        return batch, []
+
+    def _schedule_prefill(self) -> Batch | None:
+        chunks: list[Chunk] = []
+        budget = self.max_num_batched_tokens
+        while self.waiting and budget > 0 and len(self.running) + len(chunks) < self.max_num_seqs:
+            seq = self.waiting[0]
+            end = min(len(seq), seq.num_cached + budget)
+            if not self._reserve(self.blocks.blocks_needed(seq, end)):
+                # Prefill what fits in the blocks we have; the rest waits for blocks to come free.
+                end = min(end, (len(seq.block_table) + self.blocks.num_free) * self.blocks.block_size)
+                if end <= seq.num_cached:
+                    break
+            self.blocks.allocate(seq, end)
+            self.waiting.popleft()
+            chunks.append(Chunk(seq, seq.num_cached, end))
+            budget -= end - seq.num_cached
+        return Batch(chunks, is_prefill=True) if chunks else None
+
+    def _schedule_decode(self) -> Batch:
+        scheduled: list[Sequence] = []
+        while self.running:
+            seq = self.running.popleft()
+            while not self._reserve(self.blocks.blocks_needed(seq, len(seq))):
+                self._preempt(self.running.pop() if self.running else seq)
+                if seq.status is Status.WAITING:
+                    break
+            else:
+                self.blocks.allocate(seq, len(seq))
+                scheduled.append(seq)
+        self.running.extend(scheduled)
+        return Batch([Chunk(s, s.num_cached, len(s)) for s in scheduled], is_prefill=False)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.free(seq)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+        log.info("preempted %s (%d tokens) for lack of KV blocks", seq.request_id, len(seq))
+
+    def _unblock(self) -> list[Sequence]:
+        """Nothing runs and the head of the queue cannot start: free partly prefilled sequences behind it, and
+        give up on the head if the whole cache cannot hold it."""
+        head = self.waiting[0]
+        for seq in list(self.waiting)[1:]:
+            if seq.block_table:
+                self.blocks.free(seq)
+        if self._reserve(self.blocks.blocks_needed(head, len(head))):
+            return []
+        self.waiting.popleft()
+        self.blocks.free(head)
+        log.warning("%s needs more KV blocks than the cache holds; finishing it", head.request_id)
+        return [head]
+
+    def postprocess(self, batch: Batch, sampled: list[int]) -> None:
+        """Advance sequences past this step's tokens and append the sampled ones (in ``samples`` order)."""
+        it = iter(sampled)
+        partial: list[Sequence] = []
+        for chunk in batch.chunks:
+            seq = chunk.seq
+            seq.num_cached = chunk.end
+            if not chunk.samples:
+                partial.append(seq)
+                continue
+            seq.token_ids.append(next(it))
+            if batch.is_prefill:
+                seq.status = Status.RUNNING
+                self.running.append(seq)
+        self.waiting.extendleft(reversed(partial))

@@ -38,7 +38,7 @@ def _get(body: dict, name: str, kinds: tuple[type, ...], default: Any, what: str
     return value
 
 
-def _sampling(body: dict, prompt_len: int, spec: FunctionSpec, default_max: int, eos_ids: list[int]) -> Sampling:
+def _sampling(body: dict, prompt_len: int, spec: FunctionSpec, default_max: int) -> Sampling:
     room = spec.max_model_len - prompt_len
     if room <= 0:
         raise ApiError(
@@ -84,9 +84,8 @@ def _sampling(body: dict, prompt_len: int, spec: FunctionSpec, default_max: int,
     stop_ids = _get(body, "stop_token_ids", (list,), [], "a list of token ids")
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
         raise ApiError(400, "'stop_token_ids' must be a list of integers", param="stop_token_ids")
-    if body.get("ignore_eos") is not True:
-        stop_ids = [*stop_ids, *eos_ids]
-    return Sampling(max_tokens, temperature, top_p, top_k, seed, tuple(stop_ids), tuple(stops))
+    ignore_eos = _get(body, "ignore_eos", (bool,), False, "a boolean")
+    return Sampling(max_tokens, temperature, top_p, top_k, seed, tuple(stop_ids), tuple(stops), ignore_eos)
 
 
 def _stream_flags(body: dict) -> tuple[bool, bool]:
@@ -118,7 +117,7 @@ def parse_completion(body: dict, spec: FunctionSpec, tok: Tokenizer) -> Parsed:
     else:
         raise ApiError(400, "'prompt' is required: a string or a list of token ids", param="prompt")
     stream, usage = _stream_flags(body)
-    return Parsed(ids, _sampling(body, len(ids), spec, 16, tok.eos_token_ids), stream, usage)
+    return Parsed(ids, _sampling(body, len(ids), spec, 16), stream, usage)
 
 
 def parse_chat(body: dict, spec: FunctionSpec, tok: Tokenizer) -> Parsed:
@@ -149,7 +148,7 @@ def parse_chat(body: dict, spec: FunctionSpec, tok: Tokenizer) -> Parsed:
         raise ApiError(400, f"the model's chat template rejected the messages: {exc}", param="messages") from None
     ids = tuple(tok.encode(text, add_special_tokens=False))
     stream, usage = _stream_flags(body)
-    return Parsed(ids, _sampling(body, len(ids), spec, 256, tok.eos_token_ids), stream, usage)
+    return Parsed(ids, _sampling(body, len(ids), spec, 256), stream, usage)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -26,6 +26,7 @@ class Sampling:
     seed: int = 0
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()  # stop strings, matched on detokenized text by the worker
+    ignore_eos: bool = False  # keep generating past the model's eos ids (vLLM's extension; benchmarks)
 
 
 @dataclass(frozen=True)

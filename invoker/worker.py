@@ -236,7 +236,8 @@ class Worker:
                         top_p=s.top_p,
                         top_k=s.top_k,
                         seed=s.seed,
-                        stop_token_ids=list(s.stop_token_ids),
+                        stop_token_ids=s.stop_token_ids,
+                        ignore_eos=s.ignore_eos,
                     ),
                 )
         except Exception as exc:  # a model that can't load fails its requests, not the worker

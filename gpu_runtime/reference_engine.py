@@ -1,0 +1,82 @@
+"""The transformers reference engine: the builtin engine's streaming interface over a Hugging Face model.
+
+It is correct and slow (one forward per request per step, no batching, its own DynamicCache per request): the
+yardstick the builtin engine is checked against, and a fallback for architectures the builtin engine lacks.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import torch
+
+from gpu_runtime.engine.sampler import sample
+from gpu_runtime.engine.sequence import SamplingParams, Sequence, StepOutput
+
+
+def eos_ids(model_dir: str) -> set[int]:
+    path = Path(model_dir) / "generation_config.json"
+    if not path.is_file():
+        path = Path(model_dir) / "config.json"
+    eos = json.loads(path.read_text()).get("eos_token_id")
+    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+
+class ReferenceEngine:
+    def __init__(self, model_dir: str, device: str = "cpu", dtype: str = "float32") -> None:
+        from transformers import AutoModelForCausalLM  # optional dependency: only this engine needs it
+
+        self.device = torch.device(device)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(self.device)
+        self.model.eval()
+        self.eos_token_ids = eos_ids(model_dir)
+        self._lock = threading.Lock()
+        self._new: list[Sequence] = []
+        self._aborted: set[str] = set()
+        self._active: dict[str, tuple[Sequence, object]] = {}
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        with self._lock:
+            self._new.append(Sequence(request_id, prompt_ids, params))
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborted.add(request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._new or self._active)
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+            return "stop"
+        return "length" if seq.num_completion >= p.max_tokens else None
+
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        with self._lock:
+            new, self._new = self._new, []
+            aborted, self._aborted = self._aborted, set()
+        outs = []
+        for rid in aborted:
+            if self._active.pop(rid, None) is not None:
+                outs.append(StepOutput(rid, [], True, "abort"))
+        for seq in new:
+            if seq.request_id in aborted:
+                outs.append(StepOutput(seq.request_id, [], True, "abort"))
+            else:
+                self._active[seq.request_id] = (seq, None)
+        for rid, (seq, cache) in list(self._active.items()):
+            ids = seq.token_ids if cache is None else seq.token_ids[-1:]
+            out = self.model(torch.tensor([ids], device=self.device), past_key_values=cache, use_cache=True)
+            token = sample(out.logits[:, -1].float(), [seq])[0]
+            seq.token_ids.append(token)
+            reason = self._finish_reason(seq, token)
+            if reason:
+                del self._active[rid]
+            else:
+                self._active[rid] = (seq, out.past_key_values)
+            outs.append(StepOutput(rid, [token], reason is not None, reason))
+        return outs

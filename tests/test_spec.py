@@ -1,0 +1,73 @@
+"""Function specs: valid files load, every kind of bad file is rejected with file, field and reason."""
+
+from __future__ import annotations
+
+import pytest
+
+from functions.spec import FunctionSpec, SpecError, examples_dir, load_file, parse_yaml
+
+GOOD = """
+name: demo
+model: {model}
+engine: builtin
+dtype: float32
+max_model_len: 256
+scaling: {{min_instances: 0, max_instances: 2, keep_alive_s: 30}}
+slo: {{ttft_ms: 200}}
+"""
+
+
+def test_examples_are_valid(tiny_model):
+    specs = [load_file(p) for p in sorted(examples_dir().glob("*.yaml"))]
+    assert {s.engine for s in specs} == {"builtin", "transformers"}
+    assert all(s.model == str(tiny_model) for s in specs)
+
+
+def test_round_trip_json(tiny_model):
+    spec = parse_yaml(GOOD.format(model=tiny_model))
+    assert FunctionSpec.from_json(spec.to_json()) == spec
+    assert spec.scaling.max_instances == 2 and spec.slo.ttft_ms == 200
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "reason"),
+    [
+        ("name: [unclosed", "<yaml>", "invalid YAML at line 1"),
+        ("- a list", "<document>", "must be a mapping"),
+        ("model: x", "name", "is required"),
+        ("name: Bad Name\nmodel: {model}", "name", "must match"),
+        ("name: a\nmodel: /nonexistent/dir", "model", "does not exist"),
+        ("name: a\nmodel: {model}\nengine: vllm", "engine", "must be one of"),
+        ("name: a\nmodel: {model}\ndtype: int4", "dtype", "must be one of"),
+        ("name: a\nmodel: {model}\nmax_model_len: '2k'", "max_model_len", "must be an integer"),
+        ("name: a\nmodel: {model}\nmax_model_len: 0", "max_model_len", "must be >= 16"),
+        ("name: a\nmodel: {model}\nscaling: {{max_instances: 0}}", "scaling.max_instances", "must be >= 1"),
+        ("name: a\nmodel: {model}\nscaling: {{min_instances: 3}}", "scaling.min_instances", "must not exceed"),
+        ("name: a\nmodel: {model}\nscaling: {{keepalive: 3}}", "scaling.keepalive", "unknown field"),
+        ("name: a\nmodel: {model}\nslo: {{ttft_ms: fast}}", "slo.ttft_ms", "must be a number"),
+        ("name: a\nmodel: {model}\ngpus: 2", "gpus", "unknown field"),
+    ],
+)
+def test_bad_specs_name_field_and_reason(tiny_model, text, field, reason):
+    with pytest.raises(SpecError) as err:
+        parse_yaml(text.format(model=tiny_model), source="f.yaml")
+    assert err.value.field == field
+    assert reason in err.value.reason
+    assert str(err.value).startswith("f.yaml: field")
+
+
+def test_model_dir_without_weights(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(SpecError, match="no \\*.safetensors"):
+        parse_yaml(f"name: a\nmodel: {tmp_path}")
+
+
+def test_relative_model_path_is_relative_to_the_file(tmp_path, tiny_model):
+    (tmp_path / "m").symlink_to(tiny_model)
+    (tmp_path / "f.yaml").write_text("name: rel\nmodel: m\n")
+    assert load_file(tmp_path / "f.yaml").model == str(tiny_model.resolve())
+
+
+def test_unreadable_file_names_the_file(tmp_path):
+    with pytest.raises(SpecError, match="missing.yaml: field '<file>': cannot read"):
+        load_file(tmp_path / "missing.yaml")

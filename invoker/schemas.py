@@ -70,6 +70,7 @@ class WorkerInfo:
     lendable_kv_bytes: int
     models: dict[str, str]  # function name -> state (COLD/HOST/WARM/HOT)
     inflight: dict[str, int]  # function name -> running requests
+    last_used: dict[str, float]  # function name -> when a request last started or finished here (unix s)
     started: float
     heartbeat: float
 

@@ -49,7 +49,7 @@ class ServingModels:
             self.host.register(spec.name, spec.model, spec.dtype, kv_bytes_for(spec))
             self.builtin.add(spec.name)
         if action == "evict":
-            self.host.evict(spec.name, to="COLD")
+            self.host.evict(spec.name, to="HOST")
         else:
             getattr(self.host, action)(spec.name)
         return str(self.host.state(spec.name).name)

@@ -7,4 +7,4 @@ COLD, HOST, WARM, HOT = "COLD", "HOST", "WARM", "HOT"
 # remap of KV pages, cheap enough to do on the first request.
 SERVABLE = (WARM, HOT)
 # Control actions the warmer (or the router) sends as RQ jobs, and the state each one leaves the model in.
-ACTIONS = {"load_host": HOST, "prewarm": WARM, "activate": HOT, "deactivate": WARM, "evict": COLD}
+ACTIONS = {"load_host": HOST, "prewarm": WARM, "activate": HOT, "deactivate": WARM, "evict": HOST}

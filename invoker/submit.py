@@ -40,12 +40,20 @@ class NoWorkers(Exception):
     pass
 
 
-async def live_workers(r: aredis.Redis, now: float | None = None) -> list[WorkerInfo]:
-    now = time.time() if now is None else now
-    ids = await r.zrangebyscore(keys.WORKERS, now - HEARTBEAT_TIMEOUT_S, "+inf")
-    if not ids:
-        return []
+async def live_workers(r: aredis.Redis) -> list[WorkerInfo]:
+    """Workers whose heartbeat is fresh, with what they last reported."""
+    ids = await r.zrangebyscore(keys.WORKERS, time.time() - HEARTBEAT_TIMEOUT_S, "+inf")
     infos = await asyncio.gather(*(r.hget(keys.worker(i.decode()), "info") for i in ids))
+    return [WorkerInfo.from_json(raw) for raw in infos if raw]
+
+
+def live_workers_sync(r: redis.Redis) -> list[WorkerInfo]:
+    """`live_workers` for synchronous callers (the warmer)."""
+    ids = r.zrangebyscore(keys.WORKERS, time.time() - HEARTBEAT_TIMEOUT_S, "+inf")
+    with r.pipeline(transaction=False) as p:
+        for i in ids:
+            p.hget(keys.worker(i.decode()), "info")
+        infos = p.execute()
     return [WorkerInfo.from_json(raw) for raw in infos if raw]
 
 

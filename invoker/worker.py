@@ -76,6 +76,7 @@ class Worker:
         self.specs: dict[str, FunctionSpec] = {}
         self.specs_version = -1
         self.running: dict[str, Running] = {}
+        self.last_used: dict[str, float] = {}  # keep-alive clock per function, read by the warmer
         self.lock = threading.RLock()  # guards models/engines between control jobs and the engine loop
         self.work = threading.Event()
         self.stopping = threading.Event()
@@ -129,6 +130,7 @@ class Worker:
             lendable_kv_bytes=mem["lendable_kv_bytes"],
             models=self.models.states(),
             inflight=inflight,
+            last_used=dict(self.last_used),
             started=self.started,
             heartbeat=time.time(),
         )
@@ -245,6 +247,7 @@ class Worker:
             self.running.pop(inv.request_id, None)
             self.finish_error(inv, entry_id, 503, f"function '{inv.function}' could not be served: {exc}")
             return
+        self.last_used[inv.function] = time.time()
         self.emit(inv.request_id, event("start", worker=self.worker_id, prompt_tokens=len(inv.prompt_ids)))
         self.work.set()
 
@@ -320,6 +323,7 @@ class Worker:
     def ack(self, inv: Invocation, entry_id: bytes) -> None:
         """The answer is complete on its stream: only now does the invocation leave the queue."""
         self.running.pop(inv.request_id, None)
+        self.last_used[inv.function] = time.time()
         stream = keys.invocations(inv.function)
         with self.r.pipeline() as p:
             p.xack(stream, keys.GROUP, entry_id)

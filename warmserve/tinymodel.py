@@ -49,7 +49,7 @@ def train_tokenizer(vocab_size: int = 384) -> Tokenizer:
     return tok
 
 
-def llama_config(vocab_size: int, bos: int, eos: int) -> dict:
+def llama_config(vocab_size: int, bos: int, eos: int, **overrides: object) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -70,7 +70,7 @@ def llama_config(vocab_size: int, bos: int, eos: int) -> dict:
         "bos_token_id": bos,
         "eos_token_id": eos,
         "torch_dtype": "float32",
-    }
+    } | overrides
 
 
 def random_llama_weights(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -103,7 +103,7 @@ def random_llama_weights(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     return w
 
 
-def build_tiny_llama(out_dir: Path, seed: int = 0) -> Path:
+def build_tiny_llama(out_dir: Path, seed: int = 0, **config_overrides: object) -> Path:
     """Write a complete Hugging Face model directory to `out_dir` (atomically: a half-written dir never appears)."""
     out_dir = Path(out_dir)
     if (out_dir / "config.json").is_file():
@@ -115,7 +115,7 @@ def build_tiny_llama(out_dir: Path, seed: int = 0) -> Path:
     tok = train_tokenizer()
     tok.save(str(tmp / "tokenizer.json"))
     bos, eos, end = tok.token_to_id("<s>"), tok.token_to_id("</s>"), tok.token_to_id("<|end|>")
-    cfg = llama_config(tok.get_vocab_size(), bos, eos)
+    cfg = llama_config(tok.get_vocab_size(), bos, eos, **config_overrides)
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
     (tmp / "generation_config.json").write_text(
         json.dumps({"bos_token_id": bos, "eos_token_id": [eos, end], "do_sample": False})

@@ -1,0 +1,456 @@
+"""Discrete-event model of a GPU cluster serving many LLM functions.
+
+What is modelled, and why at this grain (docs/simulator.md has the full list):
+- GPUs with a memory capacity: weights of every resident instance (LOADING/WARM/HOT) plus the KV bytes of live
+  requests must fit; a request reserves KV for prompt + output on admission (no preemption).
+- Instances run continuous batching. No per-token events: between two changes of a batch (admission, prefill end,
+  a request finishing) every sequence advances one token per decode step of constant length, so each instance
+  keeps a "virtual token clock" V and a heap of the V at which each request finishes; only finishes are events.
+  Prefills run as separate steps that pause decoding (vLLM's default order).
+- Instances sharing a GPU share its compute: a step takes `busy instances on that GPU` times longer (decode is
+  memory-bandwidth bound, so co-located engines' steps add up).
+- Loads: disk -> host cache (per worker, FIFO disk, LRU host cache), host -> GPU over a per-GPU PCIe link (FIFO);
+  a disk read and its PCIe copy are pipelined (ServerlessLLM's loader). Then an engine start (policy-dependent).
+- KV lending: WARM weights may sit in memory a HOT instance would use for KV; when that instance needs it, the
+  WARM borrowers on that GPU are evicted (to HOST) on the spot.
+Policies (sim/policies.py) act only through the methods marked "policy API" below.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from sim.engine_model import EngineModel, Profile
+from sim.traces import Workload
+from warmer.cluster import State
+
+_ARRIVAL, _STEP, _READY, _TICK, _SAMPLE = range(5)
+
+
+@dataclass(frozen=True)
+class SimFunction:
+    name: str
+    model: str  # key into profile.models
+    engine: EngineModel
+    slo_ttft_s: float
+    capacity_rps: float
+    keep_alive_s: float
+    target_concurrency: int  # requests per instance before an autoscaler wants another one
+
+
+class Inst:
+    """One function's weights on a GPU group, plus its batch state."""
+
+    __slots__ = (
+        "iid", "f", "gpus", "node", "state", "since", "last_used", "ready_at", "ver", "heap", "V", "t_upd",
+        "waiting", "in_prefill", "batch", "n_active", "kv_tok", "busy", "then", "shard", "kv_bytes",
+    )  # fmt: skip
+
+    def __init__(self, iid: int, f: int, gpus: tuple[int, ...], node: int, state: State, now: float, shard: int):
+        self.iid, self.f, self.gpus, self.node, self.state = iid, f, gpus, node, state
+        self.since = self.last_used = self.ready_at = self.t_upd = now
+        self.ver = 0
+        self.heap: list[tuple[float, int]] = []  # (virtual finish, request)
+        self.V = 0.0
+        self.waiting: deque[int] = deque()  # admitted, waiting for prefill
+        self.in_prefill = False
+        self.batch: list[int] = []  # requests in the running prefill
+        self.n_active = 0
+        self.kv_tok = 0.0  # KV tokens the decode step reads (prompt + half the output per request)
+        self.busy = False
+        self.then: State = State.HOT  # state after LOADING
+        self.shard = shard
+        self.kv_bytes = 0.0  # per GPU, held by this instance's live requests
+
+    def load(self) -> int:
+        return self.n_active + len(self.waiting) + len(self.batch)
+
+
+class Sim:
+    def __init__(
+        self,
+        profile: Profile,
+        functions: list[SimFunction],
+        workload: Workload,
+        n_nodes: int,
+        gpus_per_node: int,
+        policy,
+        sample_s: float = 10.0,
+        max_drain_s: float = 1800.0,
+        host_preload: list[int] | None = None,
+    ):
+        self.p, self.fns, self.w, self.policy = profile, functions, workload, policy
+        self.n_nodes, self.gpn = n_nodes, gpus_per_node
+        n = n_nodes * gpus_per_node
+        self.n_gpus = n
+        self.cap = float(profile.usable_bytes)
+        self.weights = [0.0] * n
+        self.kv = [0.0] * n
+        self.n_busy = [0] * n
+        self.on_gpu: list[list[Inst]] = [[] for _ in range(n)]
+        self.pcie_free = [0.0] * n
+        self.occ_since = [None] * n
+        self.gpu_seconds = 0.0
+        self.disk_free = [0.0] * n_nodes
+        self.host: list[OrderedDict[int, float]] = [OrderedDict() for _ in range(n_nodes)]  # fn -> ready time
+        self.host_used = [0.0] * n_nodes
+        self.insts: dict[int, Inst] = {}
+        self.by_fn: list[list[Inst]] = [[] for _ in functions]
+        self.queue: list[deque[int]] = [deque() for _ in functions]
+        self._iid = 0
+        self._events: list = []
+        self._seq = 0
+        self.now = workload.start_s
+        self.kv_per_tok = [f.engine.m.kv_bytes_per_token / f.engine.m.tp for f in functions]
+        nreq = len(workload)
+        self.first_token = np.full(nreq, np.nan)
+        self.finish = np.full(nreq, np.nan)
+        self.arrived = np.zeros(len(functions), dtype=np.int64)
+        self.sample_s = sample_s
+        self.max_drain_s = max_drain_s
+        self.timeline: list[tuple] = []  # (t, weights GB, kv GB, #LOADING, #WARM, #HOT, queued)
+        self.max_mem_frac = 0.0
+        self.events = 0
+        self.counters = {"loads": 0, "disk_loads": 0, "activations": 0, "reclaims": 0, "evictions": 0}
+        for node in range(n_nodes):
+            for f in host_preload or []:
+                self._host_insert(node, f, workload.start_s)
+
+    # ---------------------------------------------------------------- run loop
+    def run(self) -> Sim:
+        w = self.w
+        t_arr, fn_arr = w.t, w.fn
+        end = w.start_s + w.duration_s
+        self.policy.setup(self)
+        if self.policy.tick_s:
+            self._push(w.start_s, _TICK, None, 0)
+        self._push(w.start_s, _SAMPLE, None, 0)
+        i, n = 0, len(t_arr)
+        ev = self._events
+        while True:
+            t_next = ev[0][0] if ev else np.inf
+            if i < n and t_arr[i] <= t_next:
+                self.now = float(t_arr[i])
+                self._arrive(i, int(fn_arr[i]))
+                i += 1
+                self.events += 1
+                continue
+            if not ev:
+                break
+            t, _, kind, obj, ver = heapq.heappop(ev)
+            if kind in (_TICK, _SAMPLE) and t > end and (not self._busy_any() or t > end + self.max_drain_s):
+                continue  # stop the clocks once the run is over and drained (or given up on)
+            self.now = t
+            self.events += 1
+            if kind == _STEP:
+                if obj.ver == ver and obj.iid in self.insts:
+                    self._step(obj)
+            elif kind == _READY:
+                if obj.iid in self.insts and obj.ver == ver:
+                    self._ready(obj)
+            elif kind == _TICK:
+                self.policy.on_tick(self, t)
+                self._push(t + self.policy.tick_s, _TICK, None, 0)
+            elif kind == _SAMPLE:
+                self._sample()
+                self._push(t + self.sample_s, _SAMPLE, None, 0)
+        for g in range(self.n_gpus):
+            if self.occ_since[g] is not None:
+                self.gpu_seconds += min(self.now, end) - self.occ_since[g]
+                self.occ_since[g] = None
+        return self
+
+    def _busy_any(self) -> bool:
+        return any(q for q in self.queue) or any(x.load() for x in self.insts.values())
+
+    def _push(self, t: float, kind: int, obj, ver: int) -> None:
+        self._seq += 1
+        heapq.heappush(self._events, (t, self._seq, kind, obj, ver))
+
+    # ---------------------------------------------------------------- requests
+    def _arrive(self, r: int, f: int) -> None:
+        self.arrived[f] += 1
+        inst = self._pick(f, r)
+        if inst is None:
+            self.queue[f].append(r)
+            self.policy.on_pressure(self, f, self.now)
+            return
+        if inst.load() >= self.fns[f].target_concurrency:
+            self.policy.on_pressure(self, f, self.now)
+        self._admit(inst, r)
+
+    def _kv_need(self, f: int, r: int) -> float:
+        return (int(self.w.prompt[r]) + int(self.w.output[r])) * self.kv_per_tok[f]
+
+    def _pick(self, f: int, r: int) -> Inst | None:
+        """Least-loaded HOT instance of f with batch room and KV memory for r (reclaiming lent memory)."""
+        need = self._kv_need(f, r)
+        best = None
+        for x in self.by_fn[f]:
+            if x.state is State.HOT and x.load() < self.p.max_batch and (best is None or x.load() < best.load()):
+                if self._kv_fits(x, need):
+                    best = x
+        return best
+
+    def _kv_fits(self, x: Inst, need: float) -> bool:
+        for g in x.gpus:
+            if self.cap - self.weights[g] - self.kv[g] < need and not self._reclaim(g, need):
+                return False
+        return True
+
+    def _reclaim(self, g: int, need: float) -> bool:
+        """Evict WARM borrowers on GPU g until `need` bytes of KV fit. True if they fit."""
+        for x in sorted((x for x in self.on_gpu[g] if x.state is State.WARM), key=lambda x: x.last_used):
+            if self.cap - self.weights[g] - self.kv[g] >= need:
+                break
+            self.counters["reclaims"] += 1
+            self.unload(x)
+        return self.cap - self.weights[g] - self.kv[g] >= need
+
+    def _admit(self, x: Inst, r: int) -> None:
+        need = self._kv_need(x.f, r)
+        for g in x.gpus:
+            self.kv[g] += need
+            self._check_mem(g)
+        x.kv_bytes += need
+        x.waiting.append(r)
+        x.last_used = self.now
+        self._kick(x)
+
+    def _drain(self, f: int) -> None:
+        """Admit queued requests of f to instances with room, oldest first."""
+        q = self.queue[f]
+        while q:
+            inst = self._pick(f, q[0])
+            if inst is None:
+                return
+            self._admit(inst, q.popleft())
+
+    # ---------------------------------------------------------------- batch engine
+    def _slowdown(self, x: Inst) -> int:
+        return max(1, max(self.n_busy[g] for g in x.gpus))
+
+    def _advance(self, x: Inst) -> None:
+        if not x.in_prefill and x.n_active and self.now > x.t_upd:
+            step = self.fns[x.f].engine.decode_step_s(x.n_active, x.kv_tok) * self._slowdown(x)
+            x.V += (self.now - x.t_upd) / step
+        x.t_upd = self.now
+
+    def _set_busy(self, x: Inst) -> None:
+        busy = x.load() > 0
+        if busy == x.busy:
+            return
+        x.busy = busy
+        others = {y for g in x.gpus for y in self.on_gpu[g] if y is not x and y.busy}
+        for y in others:  # their step time is about to change: bank their progress at the old one
+            self._advance(y)
+        for g in x.gpus:
+            self.n_busy[g] += 1 if busy else -1
+        for y in others:
+            self._schedule(y)
+
+    def _kick(self, x: Inst) -> None:
+        """Re-plan an instance's next event after its batch changed."""
+        self._advance(x)
+        self._set_busy(x)
+        self._schedule(x)
+
+    def _schedule(self, x: Inst) -> None:
+        if x.in_prefill or x.state is not State.HOT:
+            return
+        x.ver += 1
+        if x.waiting:
+            if self.now < x.ready_at:
+                self._push(x.ready_at, _STEP, x, x.ver)
+                return
+            budget, batch, tokens = self.p.prefill_token_budget, [], 0
+            while x.waiting and (not batch or tokens + self.w.prompt[x.waiting[0]] <= budget):
+                r = x.waiting.popleft()
+                tokens += int(self.w.prompt[r])
+                batch.append(r)
+            x.batch, x.in_prefill = batch, True
+            dur = self.fns[x.f].engine.prefill_s(tokens) * self._slowdown(x)
+            self._push(self.now + dur, _STEP, x, x.ver)
+        elif x.n_active:
+            step = self.fns[x.f].engine.decode_step_s(x.n_active, x.kv_tok) * self._slowdown(x)
+            self._push(self.now + max(0.0, x.heap[0][0] - x.V) * step, _STEP, x, x.ver)
+
+    def _step(self, x: Inst) -> None:
+        now, w = self.now, self.w
+        if x.in_prefill:
+            x.in_prefill = False
+            x.t_upd = now
+            for r in x.batch:
+                self.first_token[r] = now
+                rest = int(w.output[r]) - 1
+                if rest <= 0:
+                    self._done(x, r, now)
+                else:
+                    heapq.heappush(x.heap, (x.V + rest, r))
+                    x.n_active += 1
+                    x.kv_tok += int(w.prompt[r]) + rest / 2
+            x.batch = []
+        else:
+            self._advance(x)
+            while x.heap and x.heap[0][0] <= x.V + 1e-6:
+                _, r = heapq.heappop(x.heap)
+                x.n_active -= 1
+                x.kv_tok -= int(w.prompt[r]) + (int(w.output[r]) - 1) / 2
+                self._done(x, r, now)
+            if not x.n_active:
+                x.kv_tok = 0.0
+        x.last_used = now
+        self._drain(x.f)
+        self._kick(x)
+
+    def _done(self, x: Inst, r: int, now: float) -> None:
+        self.finish[r] = now
+        need = self._kv_need(x.f, r)
+        for g in x.gpus:
+            self.kv[g] -= need
+        x.kv_bytes -= need
+
+    # ---------------------------------------------------------------- policy API
+    def instances(self, f: int) -> list[Inst]:
+        return self.by_fn[f]
+
+    def free_bytes(self, g: int) -> float:
+        return self.cap - self.weights[g] - self.kv[g]
+
+    def node_gpus(self, node: int) -> range:
+        return range(node * self.gpn, (node + 1) * self.gpn)
+
+    def place(self, f: int, gpus: tuple[int, ...], state: State) -> Inst:
+        """Make an instance resident at once (a policy's starting state, carried over from before the run)."""
+        x = self._new(f, gpus, state)
+        self._drain(f)
+        return x
+
+    def load(self, f: int, gpus: tuple[int, ...], then: State, engine_start_s: float) -> Inst:
+        """Copy f's weights to `gpus` (from host cache, or disk via the host), then start an engine / bind them.
+        The instance is LOADING until then, and becomes `then` (HOT or WARM)."""
+        x = self._new(f, gpus, State.LOADING)
+        x.then = then
+        node = gpus[0] // self.gpn
+        shard = x.shard
+        src = self._host_ready(node, f)
+        if src is None:  # not in host memory: disk read pipelined with the PCIe copy
+            src = self.load_host(node, f)
+            self.counters["disk_loads"] += 1
+            start = self.now
+        else:
+            start = src = max(src, self.now)
+        done = src
+        for g in gpus:
+            s = max(start, self.pcie_free[g])
+            self.pcie_free[g] = s + shard / self.p.pcie_bytes_per_s
+            done = max(done, self.pcie_free[g])
+        self.counters["loads"] += 1
+        x.ready_at = done + engine_start_s
+        self._push(x.ready_at, _READY, x, x.ver)
+        return x
+
+    def load_host(self, node: int, f: int) -> float:
+        """Start (or find) a disk -> host copy of f on `node`; returns when it is in host memory."""
+        ready = self._host_ready(node, f)
+        if ready is not None:
+            return ready
+        nbytes = self.fns[f].engine.m.weight_bytes
+        t = max(self.now, self.disk_free[node]) + nbytes / self.p.disk_bytes_per_s
+        self.disk_free[node] = t
+        self._host_insert(node, f, t)
+        return t
+
+    def _host_ready(self, node: int, f: int) -> float | None:
+        cache = self.host[node]
+        if f in cache:
+            cache.move_to_end(f)
+            return cache[f]
+        return None
+
+    def _host_insert(self, node: int, f: int, ready: float) -> None:
+        nbytes = self.fns[f].engine.m.weight_bytes
+        cache = self.host[node]
+        for old in list(cache):  # LRU, but never drop a copy still arriving
+            if self.host_used[node] + nbytes <= self.p.host_memory_bytes:
+                break
+            if cache[old] <= self.now:
+                self.host_used[node] -= self.fns[old].engine.m.weight_bytes
+                del cache[old]
+        if self.host_used[node] + nbytes <= self.p.host_memory_bytes:
+            cache[f] = ready
+            self.host_used[node] += nbytes
+
+    def host_cached(self, node: int) -> dict[int, float]:
+        return dict(self.host[node])
+
+    def activate(self, x: Inst) -> None:
+        """WARM -> HOT: map KV pages (milliseconds)."""
+        assert x.state is State.WARM, x.state
+        self.counters["activations"] += 1
+        x.state, x.since = State.HOT, self.now
+        x.ready_at = self.now + self.p.activate_s
+        self._drain(x.f)
+        self._kick(x)
+
+    def deactivate(self, x: Inst) -> None:
+        """HOT -> WARM; only an idle instance (its requests would be lost otherwise)."""
+        assert x.state is State.HOT and not x.load(), (x.state, x.load())
+        x.state, x.since = State.WARM, self.now
+        x.ver += 1
+
+    def unload(self, x: Inst) -> None:
+        """Drop an idle instance's weights from its GPUs (the host copy stays, if any)."""
+        assert not x.load() and x.state is not State.LOADING, (x.state, x.load())
+        self.counters["evictions"] += 1
+        del self.insts[x.iid]
+        self.by_fn[x.f].remove(x)
+        for g in x.gpus:
+            self.weights[g] -= x.shard
+            self.on_gpu[g].remove(x)
+            if not self.on_gpu[g]:
+                self.gpu_seconds += self.now - self.occ_since[g]
+                self.occ_since[g] = None
+        x.ver += 1
+
+    # ---------------------------------------------------------------- internals
+    def _new(self, f: int, gpus: tuple[int, ...], state: State) -> Inst:
+        shard = self.fns[f].engine.m.shard_bytes
+        for g in gpus:
+            if self.free_bytes(g) < shard:
+                raise RuntimeError(f"GPU {g}: no room for {self.fns[f].name} ({shard / 1e9:.1f} GB)")
+        self._iid += 1
+        x = Inst(self._iid, f, gpus, gpus[0] // self.gpn, state, self.now, shard)
+        self.insts[x.iid] = x
+        self.by_fn[f].append(x)
+        for g in gpus:
+            self.weights[g] += shard
+            if not self.on_gpu[g]:
+                self.occ_since[g] = self.now
+            self.on_gpu[g].append(x)
+            self._check_mem(g)
+        return x
+
+    def _check_mem(self, g: int) -> None:
+        self.max_mem_frac = max(self.max_mem_frac, (self.weights[g] + self.kv[g]) / self.cap)
+
+    def _ready(self, x: Inst) -> None:
+        if x.state is not State.LOADING:
+            return
+        x.state, x.since, x.last_used = x.then, self.now, self.now
+        self.policy.on_ready(self, x, self.now)
+        if x.state is State.HOT:
+            self._drain(x.f)
+            self._kick(x)
+
+    def _sample(self) -> None:
+        states = [0, 0, 0]
+        for x in self.insts.values():
+            states[(State.LOADING, State.WARM, State.HOT).index(x.state)] += 1
+        self.timeline.append(
+            (self.now, sum(self.weights) / 1e9, sum(self.kv) / 1e9, *states, sum(len(q) for q in self.queue))
+        )

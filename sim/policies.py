@@ -1,0 +1,372 @@
+"""Serving policies, all through one interface (`Policy`), so the simulator compares like with like.
+
+- warmserve: this project. Forecast per function (warmer.forecast), evict-aware prewarming and scale decisions from
+  warmer.placement.plan (the same code the live warmer runs), KV lending (WARM weights in idle KV memory, reclaimed
+  by the lender), and a fast path that activates a WARM copy (milliseconds) the moment a function is short of
+  capacity.
+- ondemand: ServerlessLLM-like. An instance owns its GPUs. Load on demand from host memory at PCIe speed (disk when
+  the host cache misses, pipelined), then an engine start; scale out when instances are saturated; keep-alive,
+  then scale to zero. Idle instances are evicted (LRU) when GPUs are needed: generous to the baseline.
+- lru: Ollama-like. One instance per function, several functions per GPU when memory allows, LRU unload of idle
+  models when memory is needed, keep_alive 5 min, at most 3 loaded models per GPU.
+- static: MuxServe-like. A fixed set of co-resident instances sharing GPUs (memory and compute), placed once from
+  the *true* mean rate of each function over the run (oracle knowledge, generous to the baseline): replicas are
+  added to the most loaded function while memory allows, each on the least loaded GPUs. No loading ever.
+- always-warm: every function resident on its own GPUs with replicas for its mean rate, on as many GPUs as that
+  takes (an upper bound for cold-start cost, not a real option on the same cluster).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from sim.cluster import Inst, Sim
+from warmer.cluster import GPU, ClusterView, FunctionSpec, Instance, Load, State, Worker
+from warmer.forecast import Prediction, make_forecaster
+from warmer.placement import plan
+
+KV_MIN_BYTES = 8e9  # per GPU left for KV when a baseline places weights on a shared GPU
+
+
+class Policy:
+    name = ""
+    tick_s: float | None = None
+
+    def setup(self, sim: Sim) -> None:
+        """Initial placement (instances carried over from before the run are placed with Sim.place)."""
+
+    def on_pressure(self, sim: Sim, f: int, now: float) -> None:
+        """A request of f found no HOT instance with room, or every one above its target concurrency."""
+
+    def on_tick(self, sim: Sim, now: float) -> None: ...
+
+    def on_ready(self, sim: Sim, x: Inst, now: float) -> None:
+        """A load finished (x is now in its target state)."""
+
+
+def _groups(sim: Sim, tp: int) -> list[tuple[int, ...]]:
+    return [
+        tuple(range(node * sim.gpn + i, node * sim.gpn + i + tp))
+        for node in range(sim.n_nodes)
+        for i in range(0, sim.gpn - tp + 1, tp)
+    ]
+
+
+def _idle(x: Inst) -> bool:
+    return x.state is not State.LOADING and x.load() == 0
+
+
+# --------------------------------------------------------------------------- baselines
+class AlwaysWarm(Policy):
+    name = "always-warm"
+
+    def __init__(self, mean_rps: np.ndarray):
+        self.mean_rps = mean_rps
+
+    @staticmethod
+    def gpus_needed(sim_fns, mean_rps: np.ndarray) -> int:
+        return sum(f.engine.m.tp * _replicas(f, r) for f, r in zip(sim_fns, mean_rps, strict=True))
+
+    def setup(self, sim: Sim) -> None:
+        nxt = 0
+        for f, fn in enumerate(sim.fns):
+            for _ in range(_replicas(fn, self.mean_rps[f])):
+                tp = fn.engine.m.tp
+                nxt = -(-nxt // tp) * tp  # align
+                if (nxt % sim.gpn) + tp > sim.gpn:
+                    nxt = -(-nxt // sim.gpn) * sim.gpn
+                sim.place(f, tuple(range(nxt, nxt + tp)), State.HOT)
+                nxt += tp
+
+
+def _replicas(fn, mean_rps: float) -> int:
+    return max(1, math.ceil(mean_rps / fn.capacity_rps))
+
+
+class Static(Policy):
+    name = "static"
+
+    def __init__(self, mean_rps: np.ndarray):
+        self.mean_rps = mean_rps
+
+    def setup(self, sim: Sim) -> None:
+        demand = [r / fn.capacity_rps for r, fn in zip(self.mean_rps, sim.fns, strict=True)]
+        load = [0.0] * sim.n_gpus
+        reps = [0] * len(sim.fns)
+
+        def add(f: int) -> bool:
+            tp, shard = sim.fns[f].engine.m.tp, sim.fns[f].engine.m.shard_bytes
+            fits = [g for g in _groups(sim, tp) if all(sim.free_bytes(i) - shard >= KV_MIN_BYTES for i in g)]
+            fits = [g for g in fits if not any(x.f == f for i in g for x in sim.on_gpu[i])]
+            if not fits:
+                return False
+            sim.place(f, min(fits, key=lambda g: (max(load[i] for i in g), g)), State.HOT)
+            reps[f] += 1
+            for i in range(sim.n_gpus):  # every replica of a function carries an equal share of its demand
+                load[i] = sum(demand[x.f] / reps[x.f] for x in sim.on_gpu[i])
+            return True
+
+        for f in sorted(range(len(sim.fns)), key=lambda f: -demand[f] * sim.fns[f].engine.m.tp):
+            if not add(f):
+                raise RuntimeError(f"static: cannot place one replica of {sim.fns[f].name}")
+        # Replicate the most loaded functions (per replica) while they are above half an instance's capacity.
+        while True:
+            hot = sorted(
+                (f for f in range(len(sim.fns)) if demand[f] / reps[f] > 0.5), key=lambda f: -demand[f] / reps[f]
+            )
+            if not any(add(f) for f in hot):
+                break
+        self.replicas = reps
+
+
+class OnDemand(Policy):
+    name = "ondemand"
+    tick_s = 0.5
+
+    def __init__(self, max_instances: int = 8):
+        self.max_instances = max_instances
+
+    def on_pressure(self, sim: Sim, f: int, now: float) -> None:
+        insts = sim.instances(f)
+        loading = [x for x in insts if x.state is State.LOADING]
+        # One load at a time per function unless the queue outgrows what the loading copies will take.
+        if loading and len(sim.queue[f]) <= len(loading) * sim.fns[f].target_concurrency:
+            return
+        if len(insts) >= self.max_instances:
+            return
+        gpus = self._free_group(sim, f)
+        if gpus is not None:
+            sim.load(f, gpus, State.HOT, sim.p.cold_engine_start_s)
+
+    def _free_group(self, sim: Sim, f: int) -> tuple[int, ...] | None:
+        """An aligned group of whole GPUs, evicting idle instances (least recently used first) if needed.
+        Prefer groups on a worker that holds f in host memory, then fewest evictions."""
+        best = None
+        for g in _groups(sim, sim.fns[f].engine.m.tp):
+            here = {x for i in g for x in sim.on_gpu[i]}
+            if not all(_idle(x) for x in here):
+                continue
+            key = (f not in sim.host[g[0] // sim.gpn], len(here), max((x.last_used for x in here), default=0.0))
+            if best is None or key < best[0]:
+                best = (key, g, here)
+        if best is None:
+            return None
+        for x in best[2]:
+            sim.unload(x)
+        return best[1]
+
+    def on_tick(self, sim: Sim, now: float) -> None:
+        for x in list(sim.insts.values()):
+            if x.state is State.HOT and _idle(x) and now - x.last_used >= sim.fns[x.f].keep_alive_s:
+                sim.unload(x)  # scale to zero
+        for f, q in enumerate(sim.queue):
+            if q:
+                self.on_pressure(sim, f, now)
+
+
+class LRU(Policy):
+    name = "lru"
+    tick_s = 0.5
+
+    def __init__(self, keep_alive_s: float = 300.0, max_per_gpu: int = 3):
+        self.keep_alive_s, self.max_per_gpu = keep_alive_s, max_per_gpu
+
+    def on_pressure(self, sim: Sim, f: int, now: float) -> None:
+        if sim.instances(f):  # one instance per model: wait for it
+            return
+        tp, shard = sim.fns[f].engine.m.tp, sim.fns[f].engine.m.shard_bytes
+        for evict_ok in (False, True):
+            for g in _groups(sim, tp):
+                room = self._make_room(sim, g, shard, evict_ok)
+                if room:
+                    sim.load(f, g, State.HOT, sim.p.cold_engine_start_s)
+                    return
+
+    def _make_room(self, sim: Sim, g: tuple[int, ...], shard: int, evict_ok: bool) -> bool:
+        def ok() -> bool:
+            return all(sim.free_bytes(i) - shard >= KV_MIN_BYTES and len(sim.on_gpu[i]) < self.max_per_gpu for i in g)
+
+        if ok():
+            return True
+        if not evict_ok:
+            return False
+        idle = sorted({x for i in g for x in sim.on_gpu[i] if _idle(x)}, key=lambda x: x.last_used)
+        cap = {i: sim.free_bytes(i) + sum(x.shard for x in idle if i in x.gpus) for i in g}
+        busy_n = {i: sum(1 for x in sim.on_gpu[i] if not _idle(x)) for i in g}
+        if any(cap[i] - shard < KV_MIN_BYTES or busy_n[i] >= self.max_per_gpu for i in g):
+            return False
+        for x in idle:
+            if ok():
+                break
+            sim.unload(x)
+        return ok()
+
+    def on_tick(self, sim: Sim, now: float) -> None:
+        for x in list(sim.insts.values()):
+            if _idle(x) and now - x.last_used >= self.keep_alive_s:
+                sim.unload(x)
+        for f, q in enumerate(sim.queue):
+            if q:
+                self.on_pressure(sim, f, now)
+
+
+# --------------------------------------------------------------------------- warmserve
+class WarmServe(Policy):
+    """Planner every `tick_s`, forecasts every window, fast activation path on pressure."""
+
+    name = "warmserve"
+
+    def __init__(
+        self,
+        history: np.ndarray,
+        window_s: int = 300,
+        method: str = "warmserve",
+        tick_s: float = 2.0,
+        kv_reserve_bytes: list[float] | None = None,
+    ):
+        self.history = history  # (functions, windows) counts before the run, ending at the run's start
+        self.window_s, self.tick_s = window_s, tick_s
+        self.forecaster = make_forecaster(method, window_s=window_s)
+        self.kv_reserve = kv_reserve_bytes
+        self.preds: dict[str, Prediction] = {}
+        self._window = None
+        self._last_arr: np.ndarray | None = None
+        self._last_t = 0.0
+        self._rps = None
+        self._last_reactive: dict[int, float] = {}
+        self.counters = {"plans": 0, "actions": 0, "skipped": 0}
+
+    # -- forecasts
+    def _forecast(self, sim: Sim, now: float) -> None:
+        w = int((now - sim.w.start_s) // self.window_s)
+        if w == self._window:
+            return
+        self._window = w
+        start = sim.w.start_s
+        edges = start + np.arange(w + 1) * self.window_s
+        mask = sim.w.t < edges[-1]
+        live = np.zeros((len(sim.fns), w), dtype=np.int64)
+        if w:
+            idx = np.minimum(((sim.w.t[mask] - start) // self.window_s).astype(np.int64), w - 1)
+            np.add.at(live, (sim.w.fn[mask].astype(np.int64), idx), 1)
+        for f, fn in enumerate(sim.fns):
+            self.preds[fn.name] = self.forecaster.predict(np.concatenate([self.history[f], live[f]]))
+
+    # -- view of the cluster for the planner
+    def specs(self, sim: Sim) -> dict[str, FunctionSpec]:
+        out = {}
+        for f, fn in enumerate(sim.fns):
+            m = fn.engine.m
+            out[fn.name] = FunctionSpec(
+                name=fn.name,
+                weight_bytes=m.weight_bytes,
+                kv_bytes=int(self.kv_reserve[f]) if self.kv_reserve else int(KV_MIN_BYTES),
+                tp=m.tp,
+                keep_alive_s=fn.keep_alive_s,
+                slo_ttft_s=fn.slo_ttft_s,
+                capacity_rps=fn.capacity_rps,
+            )
+        return out
+
+    def view(self, sim: Sim, now: float) -> ClusterView:
+        specs = self.specs(sim)
+        workers = []
+        for node in range(sim.n_nodes):
+            gpus = []
+            for g in sim.node_gpus(node):
+                free = sim.free_bytes(g)
+                reserved = sum(
+                    max(0.0, specs[sim.fns[x.f].name].kv_bytes - x.kv_bytes)
+                    for x in sim.on_gpu[g]
+                    if x.state is State.HOT
+                )
+                lend = min(free, reserved)
+                gpus.append(GPU(g - node * sim.gpn, int(sim.cap), int(free - lend), int(lend)))
+            ready = {sim.fns[f].name for f, t in sim.host[node].items() if t <= now}
+            coming = {sim.fns[f].name for f, t in sim.host[node].items() if t > now}
+            workers.append(
+                Worker(f"node{node}", tuple(gpus), sim.p.host_memory_bytes, frozenset(ready), frozenset(coming))
+            )
+        insts = []
+        for x in sim.insts.values():
+            name = sim.fns[x.f].name
+            insts.append(
+                Instance(
+                    name,
+                    f"node{x.node}",
+                    tuple(g - x.node * sim.gpn for g in x.gpus),
+                    x.state,
+                    x.since,
+                    x.last_used,
+                    inflight=x.load(),
+                    kv_used_bytes=int(x.kv_bytes),
+                    kv_reserved_bytes=specs[name].kv_bytes if x.state is State.HOT else 0,
+                )
+            )
+        arr = sim.arrived.copy()
+        if self._last_arr is not None and now > self._last_t:
+            self._rps = (arr - self._last_arr) / (now - self._last_t)
+        self._last_arr, self._last_t = arr, now
+        load = {
+            fn.name: Load(
+                arrivals_rps=float(self._rps[f]) if self._rps is not None else 0.0,
+                inflight=sum(x.load() for x in sim.instances(f)),
+                queued=len(sim.queue[f]),
+            )
+            for f, fn in enumerate(sim.fns)
+        }
+        return ClusterView(tuple(workers), specs, tuple(insts), load)
+
+    # -- acting
+    def _run_plan(self, sim: Sim, now: float, initial: bool = False) -> None:
+        self._forecast(sim, now)
+        actions = plan(self.view(sim, now), self.preds, now)
+        self.counters["plans"] += 1
+        index = {fn.name: f for f, fn in enumerate(sim.fns)}
+        for a in actions:
+            f, node = index[a.function], int(a.worker.removeprefix("node"))
+            gpus = tuple(node * sim.gpn + g for g in a.gpus)
+            x = next((x for x in sim.instances(f) if x.gpus == gpus), None)
+            self.counters["actions"] += 1
+            if a.kind == "load_host":
+                sim.load_host(node, f)
+            elif a.kind == "prewarm" and x is None:
+                if not all(sim.free_bytes(g) >= sim.fns[f].engine.m.shard_bytes for g in gpus):
+                    self.counters["skipped"] += 1  # the view was optimistic (KV grew since): next plan retries
+                elif initial:
+                    sim.place(f, gpus, State.WARM)
+                else:
+                    sim.load(f, gpus, State.WARM, sim.p.warm_bind_s)
+            elif a.kind == "activate" and x is not None and x.state is State.WARM:
+                sim.activate(x)
+            elif a.kind == "deactivate" and x is not None and x.state is State.HOT and _idle(x):
+                sim.deactivate(x)
+            elif a.kind == "evict" and x is not None and x.state is State.WARM:
+                sim.unload(x)
+            else:
+                self.counters["skipped"] += 1
+
+    def setup(self, sim: Sim) -> None:
+        # The state a running warmer would be in at the start: its plan for the first window, in place.
+        self._run_plan(sim, sim.now, initial=True)
+        self._last_arr = None
+
+    def on_tick(self, sim: Sim, now: float) -> None:
+        self._run_plan(sim, now)
+
+    def on_pressure(self, sim: Sim, f: int, now: float) -> None:
+        warm = [x for x in sim.instances(f) if x.state is State.WARM]
+        if warm:  # fast path: a prewarmed copy, activated in milliseconds, on the least busy GPUs
+            sim.activate(min(warm, key=lambda x: (max(sim.n_busy[g] for g in x.gpus), x.iid)))
+            return
+        if any(x.state is State.LOADING for x in sim.instances(f)):
+            return
+        if now - self._last_reactive.get(f, -1e9) >= 0.5:  # reactive: plan now rather than at the next tick
+            self._last_reactive[f] = now
+            self._run_plan(sim, now)
+
+    def on_ready(self, sim: Sim, x: Inst, now: float) -> None:
+        if x.state is State.WARM and sim.queue[x.f]:
+            sim.activate(x)

@@ -1,0 +1,223 @@
+"""Evict-aware placement: from forecasts and the cluster view, the prewarm/activate/evict steps to take now.
+
+`plan` is a pure function. It walks functions from the most to the least forecast demand and, for each:
+1. sizes it: resident (WARM or HOT) instances to cover the forecast *peak* of the next window, HOT instances to
+   cover the forecast *mean* (activation is milliseconds, so peaks are served by activating WARM copies);
+   reactive scale-up adds one more when requests queue and nothing is on its way (a burst the forecast missed);
+2. activates WARM copies up to the HOT target, deactivates HOT ones idle past keep_alive_s beyond it, evicts
+   WARM ones idle past keep_alive_s beyond the resident target;
+3. prewarms the missing copies on the GPU group with the lowest cost, where cost says:
+   - don't put weights where they will be pushed out before use: memory lent by a HOT instance (its idle KV
+     pages) counts only as far as the lender's own forecast leaves it idle;
+   - don't co-locate functions likely to burst together (both forecast well above their mean);
+   - prefer GPUs whose residents have little forecast compute demand, and lenders with low forecast demand;
+   - prefer workers that hold the weights in host memory (PCIe copy, not a disk read);
+   - if nothing fits, evict idle WARM copies of functions with less forecast demand.
+Every step updates a working copy of the view, so later functions see earlier decisions and planning again on
+the view with the actions applied (`warmer.cluster.apply_actions`) yields nothing new.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from warmer.cluster import Action, ClusterView, FunctionSpec, Instance, Load, State, Worker, apply_actions
+from warmer.forecast import Prediction
+
+# Cost weights, in "instances of forecast compute demand" units. Only their order of magnitude matters.
+_W_BURST = 2.0  # per unit of (burst_f * burst_r) shared with a co-resident function
+_W_LEND = 1.0  # per fraction of the shard placed in lent KV memory, scaled by the lender's forecast use
+_W_DISK = 4.0  # the worker must read the weights from disk first
+_W_EVICT = 8.0  # per unit of forecast demand of an evicted copy (plus a fixed 1)
+
+
+@dataclass(frozen=True)
+class _Demand:
+    hot: int  # HOT instances wanted
+    resident: int  # WARM + HOT (+ LOADING) instances wanted
+    util: float  # forecast mean in instances' worth of capacity: sorts functions, weighs co-location
+    burst: float  # forecast peak above mean, in instances' worth
+
+
+def plan(view: ClusterView, predictions: dict[str, Prediction], now: float) -> list[Action]:
+    """Actions to take now, in order. Functions without a prediction are treated as forecast idle."""
+    demand = {
+        name: _demand(spec, predictions.get(name), view.load.get(name, Load())) for name, spec in view.functions.items()
+    }
+    actions: list[Action] = []
+    order = sorted(view.functions, key=lambda n: (-demand[n].util, n))
+    for name in order:
+        spec, d = view.functions[name], demand[name]
+        step = _scale(view, spec, d, demand, now)
+        step += _prewarm(apply_actions(view, step, now), spec, d, demand, now)
+        view = apply_actions(view, step, now)
+        actions += step
+    return actions
+
+
+def _demand(spec: FunctionSpec, pred: Prediction | None, load: Load) -> _Demand:
+    cap = max(spec.capacity_rps, 1e-9)
+    mean = pred.mean if pred else 0.0
+    peak = max(pred.peak if pred else 0.0, mean)
+    now_rps = load.arrivals_rps
+    hot = math.ceil(max(mean, now_rps) / cap - 1e-9)
+    resident = math.ceil(max(peak, now_rps) / cap - 1e-9)
+    if load.inflight or load.queued:  # live work needs somewhere to run whatever the forecast says
+        hot = max(hot, 1)
+    hot = min(max(hot, 0), spec.max_instances)
+    resident = min(max(resident, hot, spec.min_instances), spec.max_instances)
+    return _Demand(hot, resident, max(mean, now_rps) / cap, max(peak - mean, 0.0) / cap)
+
+
+def _of(view: ClusterView, name: str, *states: State) -> list[Instance]:
+    return [x for x in view.instances if x.function == name and x.state in states]
+
+
+def _scale(view: ClusterView, spec: FunctionSpec, d: _Demand, demand: dict[str, _Demand], now: float) -> list[Action]:
+    """Activate / deactivate / evict existing copies of one function; reactive scale-up lives in _prewarm."""
+    hot = _of(view, spec.name, State.HOT)
+    warm = _of(view, spec.name, State.WARM)
+    out: list[Action] = []
+    load = _gpu_util(view, demand, exclude=spec.name)
+    want = d.hot + _reactive(view, spec, hot)
+    # Activate the copies on the least busy GPUs first.
+    warm.sort(key=lambda x: (sum(load.get((x.worker, g), 0.0) for g in x.gpus), x.worker, x.gpus))
+    for x in warm[: max(0, want - len(hot))]:
+        out.append(Action("activate", spec.name, x.worker, x.gpus))
+    warm = warm[max(0, want - len(hot)) :]
+
+    def idle(x: Instance) -> bool:
+        return x.inflight == 0 and now - x.last_used >= spec.keep_alive_s
+
+    extra_hot = sorted((x for x in hot if idle(x)), key=lambda x: x.last_used)[: max(0, len(hot) - want)]
+    for x in extra_hot:
+        out.append(Action("deactivate", spec.name, x.worker, x.gpus))
+    resident = len(hot) + len(warm) + len(_of(view, spec.name, State.LOADING))
+    for x in sorted((x for x in warm if idle(x)), key=lambda x: x.last_used)[: max(0, resident - d.resident)]:
+        out.append(Action("evict", spec.name, x.worker, x.gpus))
+    return out
+
+
+def _reactive(view: ClusterView, spec: FunctionSpec, hot: list[Instance]) -> int:
+    """One more instance when requests queue and every HOT copy is busy: a burst the forecast did not see."""
+    load = view.load.get(spec.name, Load())
+    return 1 if load.queued > 0 and all(x.inflight > 0 for x in hot) else 0
+
+
+def _prewarm(view: ClusterView, spec: FunctionSpec, d: _Demand, demand: dict[str, _Demand], now: float) -> list[Action]:
+    resident = _of(view, spec.name, State.HOT, State.WARM, State.LOADING)
+    hot = _of(view, spec.name, State.HOT)
+    coming = any(x.state is not State.HOT for x in resident)
+    want = d.resident
+    if not coming and _reactive(view, spec, hot):
+        want = min(max(want, len(resident) + 1), spec.max_instances)
+    out: list[Action] = []
+    for _ in range(want - len(resident)):
+        best = _best_group(view, spec, demand)
+        if best is None:
+            break
+        steps = best
+        view = apply_actions(view, steps, now)
+        out += steps
+    return out
+
+
+def _best_group(view: ClusterView, spec: FunctionSpec, demand: dict[str, _Demand]) -> list[Action] | None:
+    """Cheapest [evict..., load_host?, prewarm] that puts one more copy of `spec` on some GPU group."""
+    mine = demand[spec.name]
+    util = _gpu_util(view, demand, exclude=spec.name)
+    best: tuple[float, list[Action]] | None = None
+    for w in view.workers:
+        for gpus in _groups(w, spec.tp):
+            if any(x.function == spec.name and x.worker == w.name and set(x.gpus) & set(gpus) for x in view.instances):
+                continue
+            got = _fit(view, w, gpus, spec, demand)
+            if got is None:
+                continue
+            cost, evictions = got
+            cost += sum(util.get((w.name, g), 0.0) for g in gpus) / len(gpus)
+            for x in _residents(view, w.name, gpus):
+                if x.function != spec.name and x not in evictions:
+                    cost += _W_BURST * mine.burst * demand[x.function].burst
+            steps = [Action("evict", x.function, x.worker, x.gpus) for x in evictions]
+            if spec.name not in w.host_cached:
+                cost += _W_DISK
+                if spec.name not in w.host_loading:
+                    steps.append(Action("load_host", spec.name, w.name))
+            steps.append(Action("prewarm", spec.name, w.name, gpus))
+            if best is None or cost < best[0]:
+                best = (cost, steps)
+    return None if best is None else best[1]
+
+
+def _groups(w: Worker, tp: int) -> list[tuple[int, ...]]:
+    """Aligned groups of `tp` GPUs (0-3, 4-7 for TP4): tensor parallelism wants GPUs that share a switch."""
+    idx = sorted(g.index for g in w.gpus)
+    return [tuple(idx[i : i + tp]) for i in range(0, len(idx) - tp + 1, tp)]
+
+
+def _residents(view: ClusterView, worker: str, gpus: tuple[int, ...]) -> list[Instance]:
+    return [x for x in view.instances if x.worker == worker and set(x.gpus) & set(gpus)]
+
+
+def _fit(
+    view: ClusterView, w: Worker, gpus: tuple[int, ...], spec: FunctionSpec, demand: dict[str, _Demand]
+) -> tuple[float, list[Instance]] | None:
+    """(cost, WARM copies to evict) to fit one shard of `spec` on each of `gpus`, or None if it cannot fit."""
+    by_index = {g.index: g for g in w.gpus}
+    need = spec.shard_bytes
+    mine = demand[spec.name].util
+    cost, evict = 0.0, []
+    for gi in gpus:
+        g = by_index[gi]
+        here = [x for x in view.instances if x.worker == w.name and gi in x.gpus]
+        safe_lend, lend_use = _safe_lendable(view, g, here, demand)
+        have = g.free_bytes + safe_lend
+        if have < need:
+            # Room from idle WARM copies of functions with less forecast demand, least demand first.
+            victims = sorted(
+                (x for x in here if x.state is State.WARM and demand[x.function].util < mine and x not in evict),
+                key=lambda x: (demand[x.function].util, x.last_used),
+            )
+            for x in victims:
+                if have >= need:
+                    break
+                evict.append(x)
+                have += view.functions[x.function].shard_bytes
+                cost += _W_EVICT * (1.0 + demand[x.function].util)
+            if have < need:
+                return None
+        borrowed = max(0, need - g.free_bytes)
+        cost += _W_LEND * (borrowed / need) * (1.0 + lend_use) if need else 0.0
+    # A victim on several of these GPUs frees memory on each of them: counted once per GPU above, which only
+    # makes the estimate conservative (the sim and the worker enforce the real limit).
+    return cost, evict
+
+
+def _safe_lendable(view: ClusterView, g, here: list[Instance], demand: dict[str, _Demand]) -> tuple[int, float]:
+    """Lent KV bytes on GPU `g` that the lenders' own forecast leaves idle, and the lenders' forecast use (0..1)."""
+    safe, use = 0, 0.0
+    for x in here:
+        if x.state is not State.HOT or x.kv_reserved_bytes <= 0:
+            continue
+        n_hot = max(1, len(_of(view, x.function, State.HOT)))
+        u = min(1.0, (demand[x.function].util + demand[x.function].burst) / n_hot)
+        safe += max(0, x.kv_reserved_bytes - max(x.kv_used_bytes, int(u * x.kv_reserved_bytes)))
+        use = max(use, u)
+    return min(safe, g.lendable_kv_bytes), use
+
+
+def _gpu_util(view: ClusterView, demand: dict[str, _Demand], exclude: str) -> dict[tuple[str, int], float]:
+    """Forecast compute demand per GPU from the HOT instances on it (a function's demand split over its copies)."""
+    hot: dict[str, list[Instance]] = {}
+    for x in view.instances:
+        if x.state is State.HOT and x.function != exclude:
+            hot.setdefault(x.function, []).append(x)
+    out: dict[tuple[str, int], float] = {}
+    for name, xs in hot.items():
+        share = demand[name].util / len(xs)
+        for x in xs:
+            for g in x.gpus:
+                out[(x.worker, g)] = out.get((x.worker, g), 0.0) + share
+    return out

@@ -1,0 +1,17 @@
+"""The universal worker's GPU memory: a chunk pool over CUDA virtual memory (host memory on CPU), model states
+COLD -> HOST -> WARM -> HOT, a fast loader, and KV cache reservation. ``ModelHost`` is the entry point."""
+
+from gpu_runtime.memory.host_cache import HostCacheFull
+from gpu_runtime.memory.model_host import ModelHost, ModelLoadError, ModelTooLarge
+from gpu_runtime.memory.pool import ModelMemoryError, PoolExhausted
+from gpu_runtime.memory.states import ModelState
+
+__all__ = [
+    "HostCacheFull",
+    "ModelHost",
+    "ModelLoadError",
+    "ModelMemoryError",
+    "ModelState",
+    "ModelTooLarge",
+    "PoolExhausted",
+]

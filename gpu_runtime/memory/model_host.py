@@ -208,8 +208,9 @@ class ModelHost:
             chunks = self.pool.take(m.kv.n_slots, name)
             self.pool.map(m.kv, list(enumerate(chunks)))
             eng = m.engine
-            try:
-                eng.attach_kv(self.pool.view(m.kv))
+            kv_view = self.pool.view(m.kv)
+            try:  # whole blocks only: a block may straddle the range's end
+                eng.attach_kv(kv_view[: kv_view.numel() // eng.kv_block_bytes * eng.kv_block_bytes])
             except Exception:
                 self.pool.put(self.pool.unmap(m.kv, m.kv.mapped()))
                 raise

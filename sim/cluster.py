@@ -47,7 +47,7 @@ class Inst:
 
     __slots__ = (
         "iid", "f", "gpus", "node", "state", "since", "last_used", "ready_at", "ver", "heap", "V", "t_upd",
-        "waiting", "in_prefill", "batch", "n_active", "kv_tok", "busy", "then", "shard", "kv_bytes",
+        "waiting", "in_prefill", "batch", "n_active", "kv_tok", "busy", "then", "shard", "kv_bytes", "kv_cap",
     )  # fmt: skip
 
     def __init__(self, iid: int, f: int, gpus: tuple[int, ...], node: int, state: State, now: float, shard: int):
@@ -65,6 +65,7 @@ class Inst:
         self.then: State = State.HOT  # state after LOADING
         self.shard = shard
         self.kv_bytes = 0.0  # per GPU, held by this instance's live requests
+        self.kv_cap = float("inf")  # per GPU: KV quota set by the policy (MuxServe's quotas, WarmServe's reservation)
 
     def load(self) -> int:
         return self.n_active + len(self.waiting) + len(self.batch)
@@ -115,6 +116,7 @@ class Sim:
         self.timeline: list[tuple] = []  # (t, weights GB, kv GB, #LOADING, #WARM, #HOT, queued)
         self.max_mem_frac = 0.0
         self.events = 0
+        self.completed = 0
         self.counters = {"loads": 0, "disk_loads": 0, "activations": 0, "reclaims": 0, "evictions": 0}
         for node in range(n_nodes):
             for f in host_preload or []:
@@ -174,6 +176,12 @@ class Sim:
     # ---------------------------------------------------------------- requests
     def _arrive(self, r: int, f: int) -> None:
         self.arrived[f] += 1
+        if self.queue[f]:  # first come, first served
+            self.queue[f].append(r)
+            self._drain(f)
+            if self.queue[f]:
+                self.policy.on_pressure(self, f, self.now)
+            return
         inst = self._pick(f, r)
         if inst is None:
             self.queue[f].append(r)
@@ -197,6 +205,8 @@ class Sim:
         return best
 
     def _kv_fits(self, x: Inst, need: float) -> bool:
+        if x.kv_bytes + need > x.kv_cap and x.load():  # over quota (one request may always run)
+            return False
         for g in x.gpus:
             if self.cap - self.weights[g] - self.kv[g] < need and not self._reclaim(g, need):
                 return False
@@ -306,9 +316,15 @@ class Sim:
         x.last_used = now
         self._drain(x.f)
         self._kick(x)
+        for f in {y.f for g in x.gpus for y in self.on_gpu[g]} - {x.f}:  # KV freed here may unblock neighbours
+            if self.queue[f]:
+                self._drain(f)
 
     def _done(self, x: Inst, r: int, now: float) -> None:
+        if not np.isnan(self.finish[r]):
+            raise RuntimeError(f"request {r} finished twice")
         self.finish[r] = now
+        self.completed += 1
         need = self._kv_need(x.f, r)
         for g in x.gpus:
             self.kv[g] -= need
@@ -388,11 +404,11 @@ class Sim:
     def host_cached(self, node: int) -> dict[int, float]:
         return dict(self.host[node])
 
-    def activate(self, x: Inst) -> None:
-        """WARM -> HOT: map KV pages (milliseconds)."""
+    def activate(self, x: Inst, kv_cap: float = float("inf")) -> None:
+        """WARM -> HOT: map KV pages (milliseconds); `kv_cap` bytes per GPU at most."""
         assert x.state is State.WARM, x.state
         self.counters["activations"] += 1
-        x.state, x.since = State.HOT, self.now
+        x.state, x.since, x.kv_cap = State.HOT, self.now, kv_cap
         x.ready_at = self.now + self.p.activate_s
         self._drain(x.f)
         self._kick(x)

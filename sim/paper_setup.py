@@ -34,7 +34,12 @@ START_HOUR = 10
 
 def build(total_rps: float, seed: int = 0, duration_s: float = 3600.0, profile_path=DEFAULT_PROFILE,
           models: list[str] | None = None, n_nodes: int = 2, gpus_per_node: int = 8, alpha: float = 2.0,
-          window_s: int = 300) -> Scenario:  # fmt: skip
+          window_s: int = 300, envelope: str = "flat", start_s: float | None = None) -> Scenario:  # fmt: skip
+    """The paper's cluster and functions at `total_rps` mean total rate.
+
+    envelope "flat": each function's rate is constant; the Azure hour repeats every hour (the paper's setting).
+    envelope "servegen": each function's rate follows a real ServeGen client's 14-day series (10-min windows),
+    so days differ the way production days do; the run starts on day 8 unless start_s says otherwise."""
     profile = load_profile(profile_path)
     models = models or MODELS
     names = [f"{m}-{i}" for i, m in enumerate(models)]
@@ -43,12 +48,21 @@ def build(total_rps: float, seed: int = 0, duration_s: float = 3600.0, profile_p
     rank = rng.permutation(len(models))  # function i has popularity rank rank[i]
     share = traces.powerlaw(len(models), alpha)[rank]
     fn_base = [i % 2 for i in range(len(models))]  # conv, code, conv, ...
-    start = HISTORY_DAYS * DAY + START_HOUR * 3600
-    end = start + duration_s
-    n_env = int(np.ceil(end / 3600))
-    tr = traces.make_traffic(bases, fn_base, total_rps * share, np.ones((len(models), n_env)), 3600, seed)
-    wl = traces.arrivals(bases, tr, tuple(names), start, duration_s, seed + 1)
-    hist = traces.window_counts(bases, tr, start, window_s, seed + 2)
+    if start_s is None:
+        start_s = HISTORY_DAYS * DAY + (0 if envelope == "servegen" else START_HOUR * 3600)
+    end = start_s + duration_s
+    if envelope == "flat":
+        env, env_w = np.ones((len(models), int(np.ceil(end / 3600)))), 3600
+    elif envelope == "servegen":
+        env, env_w = traces.servegen_envelopes(len(models), seed), 600
+        if end > env.shape[1] * env_w:
+            raise ValueError(f"servegen envelope covers {env.shape[1] * env_w} s, run ends at {end:.0f} s")
+        env = env / env[:, int(start_s // env_w) : int(np.ceil(end / env_w))].mean(axis=1, keepdims=True)
+    else:
+        raise ValueError(f"unknown envelope {envelope!r}; choose flat or servegen")
+    tr = traces.make_traffic(bases, fn_base, total_rps * share, env, env_w, seed)
+    wl = traces.arrivals(bases, tr, tuple(names), start_s, duration_s, seed + 1)
+    hist = traces.window_counts(bases, tr, start_s, window_s, seed + 2)
     fns = make_functions(profile, models, names, float(wl.prompt.mean()), float(wl.output.mean()), keep_alive_s=60.0)
     return Scenario(profile, fns, wl, n_nodes, gpus_per_node, hist, window_s=window_s)
 

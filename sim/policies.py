@@ -86,39 +86,63 @@ def _replicas(fn, mean_rps: float) -> int:
 
 
 class Static(Policy):
+    """MuxServe-like: placed once, never loads. Replicas per function from its true mean demand (enough that each
+    runs at most `split_above` of an instance's capacity), trimmed to the cluster's memory; a replica needs its
+    weight shard plus the KV its share of the load keeps live (kv_at_capacity * its share of one instance's
+    capacity). Replicas are placed largest TP first (so 4-GPU groups are not fragmented), each on the least
+    loaded group where it fits. KV quotas per GPU follow those needs, so a hot function cannot take every KV
+    page and starve its neighbours (MuxServe gives each co-located LLM a quota)."""
+
     name = "static"
 
-    def __init__(self, mean_rps: np.ndarray):
-        self.mean_rps = mean_rps
+    def __init__(self, mean_rps: np.ndarray, kv_at_capacity: list[float], split_above: float = 0.7):
+        self.mean_rps, self.kv_at_cap, self.split_above = mean_rps, kv_at_capacity, split_above
 
     def setup(self, sim: Sim) -> None:
+        nf = len(sim.fns)
         demand = [r / fn.capacity_rps for r, fn in zip(self.mean_rps, sim.fns, strict=True)]
+        reps = [max(1, math.ceil(d / self.split_above)) for d in demand]
+
+        def need(f: int) -> float:  # bytes per GPU of one replica
+            return sim.fns[f].engine.m.shard_bytes + max(0.05, min(1.0, demand[f] / reps[f])) * self.kv_at_cap[f]
+
+        def total() -> float:
+            return sum(reps[f] * sim.fns[f].engine.m.tp * need(f) for f in range(nf))
+
+        while total() > 0.95 * sim.cap * sim.n_gpus:  # trim the replica that carries the least load
+            f = min((f for f in range(nf) if reps[f] > 1), key=lambda f: demand[f] / reps[f], default=None)
+            if f is None:
+                raise RuntimeError("static: one replica of every function does not fit in GPU memory")
+            reps[f] -= 1
+        budget = [sim.cap] * sim.n_gpus
         load = [0.0] * sim.n_gpus
-        reps = [0] * len(sim.fns)
-
-        def add(f: int) -> bool:
-            tp, shard = sim.fns[f].engine.m.tp, sim.fns[f].engine.m.shard_bytes
-            fits = [g for g in _groups(sim, tp) if all(sim.free_bytes(i) - shard >= KV_MIN_BYTES for i in g)]
-            fits = [g for g in fits if not any(x.f == f for i in g for x in sim.on_gpu[i])]
+        placed = [0] * nf
+        order = sorted(
+            ((f, k) for f in range(nf) for k in range(reps[f])),
+            key=lambda fk: (-sim.fns[fk[0]].engine.m.tp, fk[1], -demand[fk[0]] / reps[fk[0]]),
+        )
+        for f, _ in order:
+            nb = need(f)
+            fits = [
+                g
+                for g in _groups(sim, sim.fns[f].engine.m.tp)
+                if all(budget[i] >= nb for i in g) and not any(x.f == f for i in g for x in sim.on_gpu[i])
+            ]
             if not fits:
-                return False
-            sim.place(f, min(fits, key=lambda g: (max(load[i] for i in g), g)), State.HOT)
-            reps[f] += 1
-            for i in range(sim.n_gpus):  # every replica of a function carries an equal share of its demand
-                load[i] = sum(demand[x.f] / reps[x.f] for x in sim.on_gpu[i])
-            return True
-
-        for f in sorted(range(len(sim.fns)), key=lambda f: -demand[f] * sim.fns[f].engine.m.tp):
-            if not add(f):
-                raise RuntimeError(f"static: cannot place one replica of {sim.fns[f].name}")
-        # Replicate the most loaded functions (per replica) while they are above half an instance's capacity.
-        while True:
-            hot = sorted(
-                (f for f in range(len(sim.fns)) if demand[f] / reps[f] > 0.5), key=lambda f: -demand[f] / reps[f]
-            )
-            if not any(add(f) for f in hot):
-                break
-        self.replicas = reps
+                continue
+            g = min(fits, key=lambda g: (max(load[i] for i in g), g))
+            sim.place(f, g, State.HOT)
+            placed[f] += 1
+            for i in g:
+                budget[i] -= nb
+                load[i] += demand[f] / reps[f]
+        if not all(placed):
+            missing = [sim.fns[f].name for f in range(nf) if not placed[f]]
+            raise RuntimeError(f"static: no room for {', '.join(missing)}")
+        kvn = {f: need(f) - sim.fns[f].engine.m.shard_bytes for f in range(nf)}
+        for x in sim.insts.values():  # quotas: split what weights leave in proportion to the KV needs
+            x.kv_cap = min((sim.cap - sim.weights[g]) * kvn[x.f] / sum(kvn[y.f] for y in sim.on_gpu[g]) for g in x.gpus)
+        self.replicas = placed
 
 
 class OnDemand(Policy):
@@ -221,16 +245,19 @@ class WarmServe(Policy):
     def __init__(
         self,
         history: np.ndarray,
+        kv_reserve_bytes: list[float],
         window_s: int = 300,
         method: str = "warmserve",
         tick_s: float = 2.0,
-        kv_reserve_bytes: list[float] | None = None,
+        lead_s: float = 60.0,
     ):
         self.history = history  # (functions, windows) counts before the run, ending at the run's start
         self.window_s, self.tick_s = window_s, tick_s
         self.forecaster = make_forecaster(method, window_s=window_s)
         self.kv_reserve = kv_reserve_bytes
-        self.preds: dict[str, Prediction] = {}
+        self.lead_s = lead_s
+        self._cur: dict[str, Prediction] = {}
+        self._next: dict[str, Prediction] = {}
         self._window = None
         self._last_arr: np.ndarray | None = None
         self._last_t = 0.0
@@ -239,20 +266,31 @@ class WarmServe(Policy):
         self.counters = {"plans": 0, "actions": 0, "skipped": 0}
 
     # -- forecasts
-    def _forecast(self, sim: Sim, now: float) -> None:
+    def _forecast(self, sim: Sim, now: float) -> dict[str, Prediction]:
+        """Predictions the planner acts on now: the current window's, and within `lead_s` of the next window
+        the larger of it and the next window's (a one-step-ahead forecast fed the current one as if observed),
+        so weights are resident before a forecast burst starts rather than when it starts."""
         w = int((now - sim.w.start_s) // self.window_s)
-        if w == self._window:
-            return
-        self._window = w
-        start = sim.w.start_s
-        edges = start + np.arange(w + 1) * self.window_s
-        mask = sim.w.t < edges[-1]
-        live = np.zeros((len(sim.fns), w), dtype=np.int64)
-        if w:
-            idx = np.minimum(((sim.w.t[mask] - start) // self.window_s).astype(np.int64), w - 1)
-            np.add.at(live, (sim.w.fn[mask].astype(np.int64), idx), 1)
-        for f, fn in enumerate(sim.fns):
-            self.preds[fn.name] = self.forecaster.predict(np.concatenate([self.history[f], live[f]]))
+        if w != self._window:
+            self._window = w
+            start = sim.w.start_s
+            mask = sim.w.t < start + w * self.window_s
+            live = np.zeros((len(sim.fns), w), dtype=np.int64)
+            if w:
+                idx = ((sim.w.t[mask] - start) // self.window_s).astype(np.int64)
+                np.add.at(live, (sim.w.fn[mask].astype(np.int64), idx), 1)
+            self._cur, self._next = {}, {}
+            for f, fn in enumerate(sim.fns):
+                hist = np.concatenate([self.history[f], live[f]])
+                cur = self.forecaster.predict(hist)
+                self._cur[fn.name] = cur
+                self._next[fn.name] = self.forecaster.predict(np.append(hist, cur.mean * self.window_s))
+        if now < sim.w.start_s + (w + 1) * self.window_s - self.lead_s:
+            return self._cur
+        return {
+            n: Prediction(max(c.mean, self._next[n].mean), max(c.peak, self._next[n].peak))
+            for n, c in self._cur.items()
+        }
 
     # -- view of the cluster for the planner
     def specs(self, sim: Sim) -> dict[str, FunctionSpec]:
@@ -262,7 +300,7 @@ class WarmServe(Policy):
             out[fn.name] = FunctionSpec(
                 name=fn.name,
                 weight_bytes=m.weight_bytes,
-                kv_bytes=int(self.kv_reserve[f]) if self.kv_reserve else int(KV_MIN_BYTES),
+                kv_bytes=int(self.kv_reserve[f]),
                 tp=m.tp,
                 keep_alive_s=fn.keep_alive_s,
                 slo_ttft_s=fn.slo_ttft_s,
@@ -321,8 +359,7 @@ class WarmServe(Policy):
 
     # -- acting
     def _run_plan(self, sim: Sim, now: float, initial: bool = False) -> None:
-        self._forecast(sim, now)
-        actions = plan(self.view(sim, now), self.preds, now)
+        actions = plan(self.view(sim, now), self._forecast(sim, now), now)
         self.counters["plans"] += 1
         index = {fn.name: f for f, fn in enumerate(sim.fns)}
         for a in actions:
@@ -349,6 +386,12 @@ class WarmServe(Policy):
                 self.counters["skipped"] += 1
 
     def setup(self, sim: Sim) -> None:
+        # History windows are counted from time 0, so they must end exactly where the run starts.
+        if self.history.shape != (len(sim.fns), int(sim.w.start_s // self.window_s)):
+            raise ValueError(
+                f"warmserve: history shape {self.history.shape}, want ({len(sim.fns)}, start_s // window_s = "
+                f"{int(sim.w.start_s // self.window_s)})"
+            )
         # The state a running warmer would be in at the start: its plan for the first window, in place.
         self._run_plan(sim, sim.now, initial=True)
         self._last_arr = None
@@ -359,7 +402,8 @@ class WarmServe(Policy):
     def on_pressure(self, sim: Sim, f: int, now: float) -> None:
         warm = [x for x in sim.instances(f) if x.state is State.WARM]
         if warm:  # fast path: a prewarmed copy, activated in milliseconds, on the least busy GPUs
-            sim.activate(min(warm, key=lambda x: (max(sim.n_busy[g] for g in x.gpus), x.iid)))
+            x = min(warm, key=lambda x: (max(sim.n_busy[g] for g in x.gpus), x.iid))
+            sim.activate(x)
             return
         if any(x.state is State.LOADING for x in sim.instances(f)):
             return

@@ -63,22 +63,19 @@ def make_functions(
 
 
 def make_policy(name: str, sc: Scenario) -> policies.Policy:
+    w = sc.workload
+    # KV bytes per GPU of one instance running at its capacity batch: WarmServe's KV reservation, and the
+    # static policy's KV budget per replica.
+    tokens = float(w.prompt.mean()) + float(w.output.mean()) if len(w) else 1.0
+    kv = [sc.profile.capacity_batch * tokens * f.engine.m.kv_bytes_per_token / f.engine.m.tp for f in sc.functions]
     if name == "warmserve":
-        w = sc.workload
-        kv = [
-            sc.profile.capacity_batch
-            * (float(w.prompt.mean()) + float(w.output.mean()))
-            * f.engine.m.kv_bytes_per_token
-            / f.engine.m.tp
-            for f in sc.functions
-        ]
-        return policies.WarmServe(sc.history, window_s=sc.window_s, method=sc.forecast_method, kv_reserve_bytes=kv)
+        return policies.WarmServe(sc.history, kv, window_s=sc.window_s, method=sc.forecast_method)
     if name == "ondemand":
         return policies.OnDemand()
     if name == "lru":
         return policies.LRU()
     if name == "static":
-        return policies.Static(sc.mean_rps)
+        return policies.Static(sc.mean_rps, kv)
     if name == "always-warm":
         return policies.AlwaysWarm(sc.mean_rps)
     raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")

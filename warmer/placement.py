@@ -94,6 +94,7 @@ def _scale(view: ClusterView, spec: FunctionSpec, d: _Demand, demand: dict[str, 
     for x in extra_hot:
         out.append(Action("deactivate", spec.name, x.worker, x.gpus))
     resident = len(hot) + len(warm) + len(_of(view, spec.name, State.LOADING))
+    warm = warm + extra_hot  # just deactivated: WARM now, so evictable in the same plan
     for x in sorted((x for x in warm if idle(x)), key=lambda x: x.last_used)[: max(0, resident - d.resident)]:
         out.append(Action("evict", spec.name, x.worker, x.gpus))
     return out

@@ -1,0 +1,121 @@
+"""warmer.placement.plan on hand-built cluster views: each test pins one rule of the planner."""
+
+from dataclasses import replace
+
+from warmer.cluster import GPU, Action, ClusterView, FunctionSpec, Instance, Load, State, Worker, apply_actions
+from warmer.forecast import Prediction
+from warmer.placement import plan
+
+GB = 10**9
+CAP = 76 * GB
+
+
+def spec(name: str, tp: int = 1, weights: float = 14, kv: float = 30, cap: float = 8.0, keep: float = 60.0):
+    return FunctionSpec(name, int(weights * GB), int(kv * GB), tp=tp, keep_alive_s=keep, capacity_rps=cap)
+
+
+def gpus(n: int, free: list[float] | None = None, lend: list[float] | None = None) -> tuple[GPU, ...]:
+    free = free or [CAP / GB] * n
+    lend = lend or [0] * n
+    return tuple(GPU(i, CAP, int(free[i] * GB), int(lend[i] * GB)) for i in range(n))
+
+
+def worker(name: str, n: int = 2, cached=("a", "b", "c", "d"), **kw) -> Worker:
+    return Worker(name, gpus(n, **kw), 512 * GB, frozenset(cached))
+
+
+def view(workers, specs, instances=(), load=None) -> ClusterView:
+    return ClusterView(tuple(workers), {s.name: s for s in specs}, tuple(instances), load or {})
+
+
+def settle(v: ClusterView, preds, now: float = 0.0) -> tuple[list[Action], ClusterView]:
+    acts = plan(v, preds, now)
+    return acts, apply_actions(v, acts, now)
+
+
+def test_prewarms_forecast_demand_and_is_idempotent():
+    v = view([worker("w0", 4), worker("w1", 4)], [spec("a"), spec("b", tp=2, weights=26), spec("c")])
+    preds = {"a": Prediction(20.0, 30.0), "b": Prediction(2.0, 4.0), "c": Prediction(0.0, 0.0)}
+    acts, after = settle(v, preds)
+    pre = [a for a in acts if a.kind == "prewarm"]
+    assert sum(a.function == "a" for a in pre) == 4  # peak 30 req/s at 8 per instance
+    assert sum(a.function == "b" for a in pre) == 1
+    assert not any(a.function == "c" for a in acts)  # forecast idle: nothing
+    assert all(len(a.gpus) == 2 and a.gpus[0] % 2 == 0 for a in pre if a.function == "b")  # aligned TP group
+    assert plan(after, preds, 0.0) == []
+    # and once the loads are done (LOADING -> WARM), planning again still changes nothing but activations
+    warm = replace(after, instances=tuple(replace(x, state=State.WARM) for x in after.instances))
+    acts2, after2 = settle(warm, preds)
+    assert {a.kind for a in acts2} <= {"activate"}
+    assert sum(a.function == "a" for a in acts2) == 3  # mean 20 req/s -> 3 HOT, the 4th stays WARM for the peak
+    assert plan(after2, preds, 0.0) == []
+
+
+def test_evict_aware_avoids_lender_forecast_to_need_its_kv():
+    # Both GPUs have only lent KV memory free. The lender on GPU 0 ("busy") is forecast near its capacity, the
+    # one on GPU 1 ("quiet") is forecast idle: the new copy must go where it will not be pushed out.
+    lenders = [
+        Instance("busy", "w0", (0,), State.HOT, 0, 0, kv_used_bytes=2 * GB, kv_reserved_bytes=30 * GB),
+        Instance("quiet", "w0", (1,), State.HOT, 0, 0, kv_used_bytes=2 * GB, kv_reserved_bytes=30 * GB),
+    ]
+    w = worker("w0", 2, cached=("busy", "quiet", "new"), free=[2, 2], lend=[28, 28])
+    specs = [spec("busy"), spec("quiet"), spec("new")]
+    preds = {"busy": Prediction(7.0, 8.0), "quiet": Prediction(0.1, 0.2), "new": Prediction(1.0, 2.0)}
+    acts = plan(view([w], specs, lenders), preds, 0.0)
+    pre = [a for a in acts if a.kind == "prewarm" and a.function == "new"]
+    assert [a.gpus for a in pre] == [(1,)]
+    # if both lenders are forecast busy, the lent memory is not safe anywhere: no prewarm
+    preds["quiet"] = Prediction(7.0, 8.0)
+    assert not [a for a in plan(view([w], specs, lenders), preds, 0.0) if a.function == "new"]
+
+
+def test_does_not_colocate_functions_likely_to_burst_together():
+    # "a" is WARM on GPU 0 and bursty; GPU 0 and GPU 1 are otherwise equal. A bursty "b" goes to GPU 1.
+    inst = [Instance("a", "w0", (0,), State.WARM, 0, 0)]
+    v = view([worker("w0", 2, free=[62, 76])], [spec("a"), spec("b")], inst)
+    preds = {"a": Prediction(1.0, 7.0), "b": Prediction(1.0, 7.0)}
+    pre = [a for a in plan(v, preds, 0.0) if a.kind == "prewarm" and a.function == "b"]
+    assert pre and all(0 not in a.gpus for a in pre)
+
+
+def test_prefers_worker_with_weights_in_host_memory():
+    v = view([worker("w0", 2, cached=()), worker("w1", 2, cached=("a",))], [spec("a")])
+    acts = plan(v, {"a": Prediction(1.0, 2.0)}, 0.0)
+    assert [(a.kind, a.worker) for a in acts] == [("prewarm", "w1")]
+    # when no worker has it, read it from disk first (load_host), then prewarm
+    v2 = view([worker("w0", 2, cached=())], [spec("a")])
+    assert [a.kind for a in plan(v2, {"a": Prediction(1.0, 2.0)}, 0.0)] == ["load_host", "prewarm"]
+
+
+def test_reactive_scale_up_for_unforecast_burst():
+    hot = [Instance("a", "w0", (0,), State.HOT, 0, 0, inflight=50)]
+    load = {"a": Load(arrivals_rps=0.0, inflight=50, queued=40)}
+    v = view([worker("w0", 2)], [spec("a")], hot, load)
+    acts, after = settle(v, {"a": Prediction(0.0, 0.0)})
+    assert [(a.kind, a.gpus) for a in acts] == [("prewarm", (1,))]
+    assert plan(after, {"a": Prediction(0.0, 0.0)}, 0.0) == []  # a copy is on its way: no second one
+
+
+def test_keep_alive_scale_down_then_evict():
+    x = Instance("a", "w0", (0,), State.HOT, 0, 0)
+    v = view([worker("w0", 1)], [spec("a", keep=60)], [x])
+    assert plan(v, {}, 30.0) == []  # idle 30 s < keep_alive
+    acts, after = settle(v, {}, 61.0)
+    assert [a.kind for a in acts] == ["deactivate", "evict"]
+    assert after.instances == ()
+    # min_instances keeps one resident (WARM) whatever the forecast
+    v_min = view([worker("w0", 1)], [replace(spec("a", keep=60), min_instances=1)], [x])
+    assert [a.kind for a in plan(v_min, {}, 61.0)] == ["deactivate"]
+
+
+def test_evicts_idle_copy_of_less_demanded_function_to_make_room():
+    inst = [Instance("low", "w0", (0,), State.WARM, 0, 0)]
+    v = view(
+        [worker("w0", 1, free=[50], cached=("low", "high"))], [spec("low", weights=60), spec("high", weights=60)], inst
+    )
+    preds = {"low": Prediction(0.1, 0.2), "high": Prediction(5.0, 6.0)}
+    acts, after = settle(v, preds)
+    assert [(a.kind, a.function) for a in acts] == [("evict", "low"), ("prewarm", "high")]
+    assert plan(after, preds, 0.0) == []
+    # never the other way round: a less demanded function does not evict a busier one
+    assert plan(after, {"low": Prediction(5.0, 6.0), "high": Prediction(6.0, 7.0)}, 0.0) == []

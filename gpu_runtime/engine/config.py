@@ -77,6 +77,8 @@ def load_model_config(model_dir: str) -> ModelConfig:
     raw = _read_json(path)
     archs = raw.get("architectures") or []
     arch = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
+    if not archs and raw.get("model_type") in ARCHITECTURES.values():
+        arch = raw["model_type"]  # configs saved from a bare *Config carry no architectures list
     if arch is None:
         raise ModelFileError(
             f"{path}: unsupported architecture {archs or raw.get('model_type')!r}; "

@@ -42,6 +42,14 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def _device(device: str | torch.device) -> torch.device:
+    """``cuda`` -> ``cuda:N`` (the current device), so buffers' devices compare equal to the engine's."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class Engine:
     def __init__(
         self,
@@ -58,7 +66,7 @@ class Engine:
         max_model_len: int | None = None,
         enforce_eager: bool = False,
     ) -> None:
-        self.device = torch.device(device)
+        self.device = _device(device)
         self.dtype = _dtype(dtype)
         if layout.dtype != self.dtype:
             raise ValueError(f"weight layout is {layout.dtype}, engine dtype is {self.dtype}")
@@ -70,6 +78,7 @@ class Engine:
             max_model_len or self.config.max_position_embeddings, self.config.max_position_embeddings
         )
         self.model = LlamaModel(self.config, layout, weights)
+        self.layout = layout
         self._weights = weights
         self._weights_owned = False
         self.runner = ModelRunner(
@@ -111,7 +120,7 @@ class Engine:
         """Load a Hugging Face directory: plan the weight buffer, allocate it, read the safetensors into it."""
         torch_dtype = _dtype(dtype)
         layout = plan_weights(path, torch_dtype)
-        allocator = allocator or TorchAllocator(device)
+        allocator = allocator or TorchAllocator(_device(device))
         weights = allocator.allocate(layout.total_bytes, "weights")
         load_weights(layout, weights)
         engine = cls(

@@ -97,6 +97,8 @@ def test_sigkilled_worker_answer_is_redelivered_once(redis_url, slow_model, tmp_
         assert stack.workers[killed[0][0]].wait(5) == -signal.SIGKILL
         assert reasons == ["length"] and dones == 1
         assert text == baseline  # every token exactly once, none lost, none repeated
+        (survivor,) = set(stack.workers) - {killed[0][0]}
+        assert "re-delivering" in (tmp_path / f"{survivor}.log").read_text()  # it really was answered twice
         assert r.xlen(keys.invocations(FN)) == 0
         assert r.xpending(keys.invocations(FN), keys.GROUP)["pending"] == 0
     finally:

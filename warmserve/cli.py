@@ -78,12 +78,6 @@ def cmd_up(args: argparse.Namespace) -> int:
     return up(args)
 
 
-def cmd_sim(args: argparse.Namespace) -> int:
-    from sim.cli import main as sim_main
-
-    return sim_main(args.sim_args)
-
-
 # ---- client commands ----
 def cmd_deploy(args: argparse.Namespace) -> int:
     try:
@@ -205,9 +199,8 @@ def parser() -> argparse.ArgumentParser:
     wm.add_argument("--interval", type=float, default=5.0, help="seconds between plans")
     wm.set_defaults(fn=cmd_warmer)
 
-    sm = sub.add_parser("sim", help="cluster simulator (see `warmserve sim --help`)", add_help=False)
-    sm.add_argument("sim_args", nargs=argparse.REMAINDER)
-    sm.set_defaults(fn=cmd_sim)
+    # `sim` hands all its arguments to the simulator's own parser (see main)
+    sub.add_parser("sim", help="cluster simulator (see `warmserve sim --help`)", add_help=False)
 
     dp = with_url(sub.add_parser("deploy", help="deploy (or update) a function from YAML"))
     dp.add_argument("file")
@@ -230,6 +223,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sim"]:
+        from sim.cli import main as sim_main
+
+        setup_logging()
+        return sim_main(argv[1:])
     args = parser().parse_args(argv)
     setup_logging(args.verbose)
     return int(args.fn(args) or 0)

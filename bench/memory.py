@@ -237,6 +237,34 @@ def _median(xs: list[float]) -> float:
     return xs[len(xs) // 2]
 
 
+def _greedy(eng, prompt: list[int], n: int) -> list[int]:
+    from gpu_runtime import SamplingParams
+
+    return eng.generate([prompt], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))[0].token_ids
+
+
+def _checksum(buffer: torch.Tensor, nbytes: int) -> int:
+    return int(buffer[:nbytes].view(torch.int32).sum(dtype=torch.int64))
+
+
+def _weights_match_files(host, name: str) -> bool:
+    """Every tensor in the model's pool range equals the tensor in its safetensors file."""
+    from safetensors import safe_open
+
+    m = host.models[name]
+    buffer = host.pool.view(m.weights)
+    by_file: dict[str, list] = {}
+    for s in m.layout.slots:
+        by_file.setdefault(s.file, []).append(s)
+    for file, slots in by_file.items():
+        with safe_open(file, framework="pt", device=str(host.device)) as f:
+            for s in slots:
+                if not torch.equal(m.layout.view(buffer, s.name), f.get_tensor(s.name).to(m.dtype)):
+                    print(f"MISMATCH {name} {s.name}", flush=True)
+                    return False
+    return True
+
+
 def _first_token_s(eng, prompt: list[int]) -> float:
     from gpu_runtime import SamplingParams
 
@@ -262,7 +290,14 @@ def bench_big(res: dict, path: str, device: str = "cuda:0") -> None:
     eng = host.activate("llama8b")  # COLD -> HOST -> WARM -> HOT
     _sync()
     res["disk_to_hot_s"] = time.perf_counter() - t0
+    res["weights_match_files_after_disk_to_hot"] = _weights_match_files(host, "llama8b")
+    buffer = host.pool.view(host.models["llama8b"].weights)
+    addr, checksum = buffer.data_ptr(), _checksum(buffer, wbytes)
     prompt = torch.randint(3, 128000, (512,)).tolist()
+    first_eng = eng
+    decode_tokens = _greedy(eng, prompt, 8)  # captures decode CUDA graphs for this KV address
+    graphs = len(eng.runner.graphs)
+    stable = True
     for _ in range(3):
         _first_token_s(eng, prompt)
     res["prefill_ms"] = _median([_first_token_s(eng, prompt) for _ in range(7)]) * 1e3
@@ -278,6 +313,12 @@ def bench_big(res: dict, path: str, device: str = "cuda:0") -> None:
         eng = host.activate("llama8b")
         _sync()
         hot.append(time.perf_counter() - t0)
+        stable &= eng is first_eng and buffer.data_ptr() == addr and _checksum(buffer, wbytes) == checksum
+    # Same engine, same addresses, same tokens, and the decode graphs were replayed, not captured again.
+    res["same_tokens_after_cycles"] = _greedy(eng, prompt, 8) == decode_tokens
+    res["decode_graphs_reused"] = len(eng.runner.graphs) == graphs
+    res["weights_address_and_checksum_stable"] = bool(stable)
+    res["weights_match_files_after_cycles"] = _weights_match_files(host, "llama8b")
     res["warm_to_first_token_ms"] = _median(warm) * 1e3
     res["host_to_hot_s"] = _median(hot)
     res["host_to_hot_gbps"] = wbytes / res["host_to_hot_s"] / 1e9
@@ -366,6 +407,61 @@ def bench_switch(res: dict, path: str, rounds: int = 3, device: str = "cuda:0") 
     host.close()
 
 
+def bench_lending(res: dict, path: str, device: str = "cuda:0") -> None:
+    """A HOT lender's idle KV pages hold a WARM borrower; then the lender's load needs them back.
+
+    The pool is sized so that the lender (weights + 4 GiB KV) fills it exactly: the borrower fits only on lent
+    pages. 64 requests of 1000 tokens need more KV than the lender kept, so its engine's pressure hook evicts
+    the borrower to HOST mid-run. Tokens must equal those of the same requests run without lending.
+    """
+    from gpu_runtime import SamplingParams
+    from gpu_runtime.memory import ModelHost
+
+    dry = device == "cpu"
+    chunk = 2 * MiB if dry else 64 * MiB
+    kv = 128 * MiB if dry else 4 * GiB
+    probe = ModelHost(device, gpu_bytes=64 * GiB if not dry else GiB, chunk_bytes=chunk, host_cache_bytes=chunk)
+    probe.register("p", path, "bfloat16", kv_bytes=chunk)
+    w = probe.models["p"].weights.n_slots
+    probe.close()
+    host = ModelHost(device, gpu_bytes=(w + kv // chunk) * chunk, chunk_bytes=chunk, host_cache_bytes=8 * GiB)
+    host.register("lender", path, "bfloat16", kv_bytes=kv)
+    host.register("borrower", path, "bfloat16", kv_bytes=chunk)
+    eng = host.activate("lender")
+    n, plen = (8, 120) if dry else (64, 1000)
+    g = torch.Generator().manual_seed(3)
+    batch = [torch.randint(3, 128000, (plen,), generator=g).tolist() for _ in range(n)]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    need = n * -(-(plen + 16) // eng.block_size)
+    t0 = time.perf_counter()
+    ref = [o.token_ids for o in eng.generate(batch, params)]
+    res["lending_generate_no_loan_s"] = time.perf_counter() - t0
+    host.prewarm("borrower")
+    rep = host.report()
+    res["lending_borrowed_chunks"] = rep["models"]["borrower"]["weight_chunks_borrowed"]
+    res["lending_limit_blocks_while_lent"] = eng.blocks.limit
+    res["lending_blocks_needed"] = need
+    reclaims = []
+    hook = eng.kv_pressure_hook
+
+    def timed(more: int) -> int:
+        t = time.perf_counter()
+        given = hook(more)
+        reclaims.append((time.perf_counter() - t) * 1e3)
+        return given
+
+    eng.kv_pressure_hook = timed
+    t0 = time.perf_counter()
+    out = [o.token_ids for o in eng.generate(batch, params)]
+    res["lending_generate_with_reclaim_s"] = time.perf_counter() - t0
+    res["lending_reclaim_ms"] = reclaims
+    res["lending_borrower_state_after"] = host.state("borrower").name
+    res["lending_same_tokens"] = sum(a == b for a, b in zip(out, ref, strict=True)) / len(ref)
+    host.check()
+    print({k: v for k, v in res.items() if k.startswith("lending")}, flush=True)
+    host.close()
+
+
 def main() -> None:
     import logging
 
@@ -385,6 +481,7 @@ def main() -> None:
         )
         bench_big(res, big, "cpu")
         bench_switch(res, small, 1, "cpu")
+        bench_lending(res, small, "cpu")
         print(json.dumps(res, indent=1))
         return
     res = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -412,6 +509,8 @@ def main() -> None:
         bench_big(res, big)
         _save(res, args.out)
         bench_switch(res, small)
+        _save(res, args.out)
+        bench_lending(res, small)
         res["targets"] = {
             "warm_to_first_token_ok": res["warm_to_first_token_ms"] <= res["prefill_ms"] + 20,
             "host_to_hot_ok": res["host_to_hot_gbps"] >= 0.85 * res["pinned_h2d_gbps"],

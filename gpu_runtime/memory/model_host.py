@@ -218,7 +218,7 @@ class ModelHost:
             eng.set_kv_limit(m.account.limit())
             eng.kv_pressure_hook = lambda more, _name=name: self._on_kv_pressure(_name, more)
             m.state = ModelState.HOT
-            self._log_step(m, "WARM->HOT", t0, m.kv.n_slots * self.pool.chunk_bytes, what="KV mapped")
+            self._log_step(m, "WARM->HOT", t0, detail=f"mapped {m.kv.n_slots} KV chunks, {eng.num_kv_blocks} blocks")
             return eng
 
     # transitions down ---------------------------------------------------------------------------------------
@@ -237,7 +237,7 @@ class ModelHost:
             self.pool.put(self.pool.unmap(m.kv, m.kv.mapped()))
             m.account = None
             m.state = ModelState.WARM
-            self._log_step(m, "HOT->WARM", t0, 0)
+            self._log_step(m, "HOT->WARM", t0)
 
     def evict(self, name: str, to: str | ModelState = "HOST") -> None:
         """Down to HOST (weights kept in the host cache) or COLD (host copy dropped too)."""
@@ -346,10 +346,12 @@ class ModelHost:
             raise KeyError(f"model {name!r} is not registered on this worker (known: {sorted(self.models)})")
         return m
 
-    def _log_step(self, m: _Model, step: str, t0: float, nbytes: int, what: str = "weights") -> None:
+    def _log_step(self, m: _Model, step: str, t0: float, copied: int = 0, detail: str = "") -> None:
+        """One line per state step: how long it took and, for copies, how fast they ran."""
         dt = time.perf_counter() - t0
-        rate = f", {nbytes / dt / 1e9:.1f} GB/s" if nbytes and dt > 0 else ""
-        log.info("%s: %s in %.1f ms (%s %.2f GiB%s)", m.name, step, dt * 1e3, what, nbytes / GiB, rate)
+        if copied:
+            detail = f"copied {copied / GiB:.2f} GiB at {copied / max(dt, 1e-9) / 1e9:.1f} GB/s" + detail
+        log.info("%s: %s in %.1f ms%s", m.name, step, dt * 1e3, f" ({detail})" if detail else "")
 
     def _host_alloc(self, m: _Model) -> list[torch.Tensor]:
         n = self.pool.n_chunks(m.layout.total_bytes)
@@ -461,7 +463,7 @@ class ModelHost:
         else:
             self.host_cache.drop(m.name)
             m.state = ModelState.COLD
-        self._log_step(m, f"WARM->{m.state.name}", t0, copied, what="copied to host")
+        self._log_step(m, f"WARM->{m.state.name}", t0, copied)
 
     def _make_free(self, need: int, for_model: str) -> None:
         """Evict least recently used WARM models to HOST until ``need`` chunks are free, or raise first."""

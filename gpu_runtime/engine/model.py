@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from gpu_runtime.engine.attention import AttnMeta, decode_attention, prefill_attention, store_kv
+from gpu_runtime.engine.attention import AttnMeta, decode_attention, prefill_attention
 from gpu_runtime.engine.config import ModelConfig
+from gpu_runtime.engine.ops import add_rms_norm, qkv_rope_store, silu_and_mul
 from gpu_runtime.weights import WeightLayout
 
 
@@ -29,13 +30,6 @@ class LayerWeights:
     post_norm: torch.Tensor
     gate_up: torch.Tensor
     down: torch.Tensor
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    dtype = x.dtype
-    x = x.float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x.to(dtype)
 
 
 def inv_frequencies(cfg: ModelConfig) -> torch.Tensor:
@@ -53,11 +47,6 @@ def inv_frequencies(cfg: ModelConfig) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
     return torch.where(medium, smoothed, scaled)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 class LlamaModel:
@@ -99,32 +88,23 @@ class LlamaModel:
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
     ) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm for flattened tokens ``input_ids`` [T]."""
-        cfg = self.cfg
+        cfg, eps = self.cfg, self.cfg.rms_norm_eps
+        heads = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
         h = F.embedding(input_ids, self.embed)
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
+        residual = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
-            x = rms_norm(h, layer.input_norm, cfg.rms_norm_eps)
+            x, residual = add_rms_norm(h, residual, layer.input_norm, eps)
             qkv = F.linear(x, layer.qkv, layer.qkv_bias)
-            q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-            q = q.view(-1, cfg.num_attention_heads, cfg.head_dim)
-            k = k.view(-1, cfg.num_key_value_heads, cfg.head_dim)
-            v = v.view(-1, cfg.num_key_value_heads, cfg.head_dim)
-            if cfg.qk_norm:
-                q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
-                k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
-            store_kv(k, v, k_cache, v_cache, meta)
+            qk_norm = (layer.q_norm, layer.k_norm) if cfg.qk_norm else None
+            q, k, v = qkv_rope_store(qkv, positions, self.cos, self.sin, heads, qk_norm, eps, k_cache, v_cache, meta)
             if meta.is_prefill:
                 o = prefill_attention(q, k, v, k_cache, v_cache, meta)
             else:
                 o = decode_attention(q, k_cache, v_cache, meta)
-            h = h + F.linear(o.flatten(1), layer.o)
-            x = rms_norm(h, layer.post_norm, cfg.rms_norm_eps)
-            gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, layer.down)
-        return rms_norm(h, self.norm, cfg.rms_norm_eps)
+            h = F.linear(o.flatten(1), layer.o)
+            x, residual = add_rms_norm(h, residual, layer.post_norm, eps)
+            h = F.linear(silu_and_mul(F.linear(x, layer.gate_up)), layer.down)
+        return add_rms_norm(h, residual, self.norm, eps)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head).float()

@@ -48,15 +48,10 @@ class ModelRunner:
         if self.use_cuda_graphs:
             self._pool = torch.cuda.graph_pool_handle()
             n = max(self.graph_sizes)
-            i32 = dict(dtype=torch.int32, device=device)
-            self._static = {
-                "input_ids": torch.zeros(n, dtype=torch.long, device=device),
-                "positions": torch.zeros(n, dtype=torch.long, device=device),
-                "slot_block": torch.full((n,), -1, **i32),
-                "slot_offset": torch.zeros(n, **i32),
-                "block_tables": torch.zeros(n, self.max_blocks_per_seq, **i32),
-                "context_lens": torch.zeros(n, **i32),
-            }
+            # Static graph inputs, so one step is two host->device copies: rows of [input id, position, slot
+            # block, slot offset, context length] per sequence, and the block tables.
+            self._header = torch.zeros(5, n, dtype=torch.long, device=device)
+            self._tables = torch.zeros(n, self.max_blocks_per_seq, dtype=torch.long, device=device)
 
     # KV cache ------------------------------------------------------------------------------------------------
 
@@ -123,15 +118,10 @@ class ModelRunner:
             hidden = self.model.forward(t(ids, torch.long), t(positions, torch.long), meta, self.kv_caches)
             return self.model.logits(hidden)
         graph, logits = self._graph(graph_bs)  # capture first: capturing resets the static inputs
-        s = self._static
-        s["input_ids"][:n].copy_(torch.tensor(ids), non_blocking=True)
-        s["positions"][:n].copy_(torch.tensor(positions), non_blocking=True)
-        s["slot_block"][:n].copy_(torch.tensor(blocks), non_blocking=True)
-        s["slot_block"][n:graph_bs].fill_(-1)
-        s["slot_offset"][:n].copy_(torch.tensor(offsets), non_blocking=True)
-        s["block_tables"][:n, :width].copy_(torch.tensor(tables), non_blocking=True)
-        s["context_lens"][:n].copy_(torch.tensor(lens), non_blocking=True)
-        s["context_lens"][n:graph_bs].zero_()
+        pad = graph_bs - n
+        header = [ids + [0] * pad, positions + [0] * pad, blocks + [-1] * pad, offsets + [0] * pad, lens + [0] * pad]
+        self._header[:, :graph_bs].copy_(torch.tensor(header), non_blocking=True)
+        self._tables[:n, :width].copy_(torch.tensor(tables), non_blocking=True)
         graph.replay()
         return logits[:n]
 
@@ -139,15 +129,13 @@ class ModelRunner:
         key = (self.kv_key, bs)
         if key not in self.graphs:
             began = time.perf_counter()
-            s = self._static
-            s["slot_block"][:bs].fill_(-1)  # the warm-up run must not write into live KV blocks
-            s["context_lens"][:bs].zero_()
-            meta = AttnMeta(False, s["slot_block"][:bs], s["slot_offset"][:bs])
-            meta.block_tables, meta.context_lens = s["block_tables"][:bs], s["context_lens"][:bs]
+            head = self._header[:, :bs]
+            head[2].fill_(-1)  # the warm-up run must not write into live KV blocks
+            head[4].zero_()
+            meta = AttnMeta(False, head[2], head[3], block_tables=self._tables[:bs], context_lens=head[4])
 
             def run() -> torch.Tensor:
-                hidden = self.model.forward(s["input_ids"][:bs], s["positions"][:bs], meta, self.kv_caches)
-                return self.model.logits(hidden)
+                return self.model.logits(self.model.forward(head[0], head[1], meta, self.kv_caches))
 
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())

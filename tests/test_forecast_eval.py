@@ -12,18 +12,21 @@ def test_metrics_by_hand():
     actual = np.array([100.0, 0.0, 5.0, 200.0])  # floor at 600 s is 10 requests: the 0 and 5 windows skip MAPE
     mean = np.array([110.0, 3.0, 5.0, 150.0])
     peak = np.array([120.0, 5.0, 4.0, 190.0])
-    m = fe.metrics(actual, mean, peak)
+    previous = np.array([50.0, 100.0, 0.0, 180.0])  # rises: 100 (2x) only; 200 is < 1.2 x 180, 5 under the floor
+    m = fe.metrics(actual, mean, peak, previous)
     assert m["mape"] == pytest.approx((0.1 + 0.25) / 2)
     assert m["mape_windows"] == 2
     assert m["wape"] == pytest.approx((10 + 3 + 0 + 50) / 305)
     assert m["bias"] == pytest.approx((10 + 3 + 0 - 50) / 305)
     assert m["peak_under_rate"] == pytest.approx(0.5)  # 5 > 4 and 200 > 190
     assert m["peak_headroom"] == pytest.approx(319 / 305)
+    assert m["rise_windows"] == 1 and m["peak_under_rate_rises"] == 0.0  # 120 covers the rise to 100
 
 
 def test_metrics_silent_series():
-    m = fe.metrics(np.zeros(3), np.ones(3), np.ones(3))
+    m = fe.metrics(np.zeros(3), np.ones(3), np.ones(3), np.zeros(3))
     assert m["mape"] is None and m["wape"] is None and m["peak_under_rate"] == 0.0
+    assert m["rise_windows"] == 0 and m["peak_under_rate_rises"] is None
 
 
 def test_gap_mask_finds_collapse_not_troughs():

@@ -137,3 +137,16 @@ def test_peak_is_exceeded_about_as_often_as_its_quantile_says(method):
     assert (peak >= mean).all()
     miss = float(np.mean(x[start:] > peak))
     assert 0.02 <= miss <= 0.2, miss  # nominal 0.10
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("window_s", [3600, 86_400])
+def test_coarse_windows(method, window_s):
+    """Hour and day windows: a seasonal spread wider than the period must not reach into the future."""
+    rng = np.random.default_rng(0)
+    x = rng.poisson(100, 20 * 86_400 // window_s).astype(float)
+    fc = make_forecaster(method, window_s)
+    for n in (0, 1, 2, 3, len(x) // 2, len(x)):
+        p = fc.predict(x[:n])
+        assert np.isfinite([p.mean, p.peak]).all() and p.peak >= p.mean >= 0
+    assert fc.predict(x).mean * window_s == pytest.approx(100, rel=0.3)

@@ -64,7 +64,9 @@ def _seasonal_lags(x: np.ndarray, t: np.ndarray, period: int, count: int, spread
     ks = np.arange(1, count + 1)
     js = np.arange(-spread, spread + 1)
     offs = (ks[:, None] * period - js[None, :]).ravel()
-    offs = offs[offs <= t.max()]  # lags no target can reach: dropping them keeps the fast path below
+    # keep past lags only (a spread wider than the period would reach the future) and lags some target can reach,
+    # so the fast path below applies as soon as history is long enough
+    offs = offs[(offs > 0) & (offs <= t.max())]
     out = np.full(len(t), np.nan)
     if len(offs) == 0:
         return out

@@ -190,6 +190,21 @@ def test_failures_name_the_model_and_leave_others_serving(tiny, tmp_path):
         host.evict("m0", to="WARM")
 
 
+def test_cuda_driver_errors_name_the_call():
+    from gpu_runtime.memory.cuda_vmm import CudaVmmError, _check, _runs, cu
+
+    with pytest.raises(CudaVmmError, match="cuMemMap failed: CUDA_ERROR_INVALID_VALUE"):
+        _check((cu.CUresult.CUDA_ERROR_INVALID_VALUE,), "cuMemMap")
+    assert _check((cu.CUresult.CUDA_SUCCESS, 7), "cuMemCreate") == 7
+    assert _runs([0, 1, 2, 5, 6, 9]) == [(0, 3), (5, 2), (9, 1)]
+
+
+def test_per_model_engine_settings(tiny):
+    host = make_host(tiny, [], gpu_chunks=20)
+    host.register("short", tiny["m0"][0], "float32", kv_bytes=4 * CHUNK, engine_kwargs={"max_model_len": 64})
+    assert host.activate("short").max_model_len == 64
+
+
 def test_deactivate_refused_while_serving(tiny):
     host = make_host(tiny, ["m0"], gpu_chunks=20)
     eng = host.activate("m0")

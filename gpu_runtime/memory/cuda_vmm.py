@@ -29,9 +29,8 @@ def _check(result: tuple, call: str):
     """Unpack a cuda-python result tuple; raise with the call's name unless it is CUDA_SUCCESS."""
     err = result[0]
     if err != cu.CUresult.CUDA_SUCCESS:
-        name_err, name = cu.cuGetErrorName(err)
-        label = name.decode() if name_err == cu.CUresult.CUDA_SUCCESS else str(int(err))
-        raise CudaVmmError(f"{call} failed: {label}")
+        # The enum's own name: no further driver call on the error path.
+        raise CudaVmmError(f"{call} failed: {getattr(err, 'name', int(err))}")
     if len(result) == 1:
         return None
     return result[1] if len(result) == 2 else result[1:]

@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -68,6 +68,7 @@ class _Model:
     kv: VRange
     state: ModelState = ModelState.COLD
     engine: object | None = None
+    engine_kwargs: dict = field(default_factory=dict)
     account: kvr.KvAccount | None = None
     last_used: float = 0.0
 
@@ -122,9 +123,10 @@ class ModelHost:
         self._lock = threading.RLock()
 
     # registration -------------------------------------------------------------------------------------------
-    def register(self, name: str, model_dir: str, dtype: str, kv_bytes: int) -> None:
+    def register(self, name: str, model_dir: str, dtype: str, kv_bytes: int, engine_kwargs: dict | None = None) -> None:
         """Make a model known, COLD. Reads config and safetensors headers; ModelLoadError if they are broken,
-        ModelTooLarge if weights plus KV exceed the pool."""
+        ModelTooLarge if weights plus KV exceed the pool. ``engine_kwargs`` (e.g. ``max_model_len``) add to
+        the host's own for this model's engine."""
         with self._lock:
             if name in self.models:
                 raise ValueError(f"model {name!r} is already registered")
@@ -145,6 +147,7 @@ class ModelHost:
             weights = self.pool.reserve(name, "weights", layout.total_bytes)
             kv = self.pool.reserve(name, "kv", kv_bytes)
             self.models[name] = _Model(name, layout.model_dir, DTYPES[dtype], kv_bytes, layout, weights, kv)
+            self.models[name].engine_kwargs = {**self.engine_kwargs, **(engine_kwargs or {})}
             log.info("%s: registered (%.2f GiB weights, %.2f GiB KV)", name, layout.total_bytes / GiB, kv_bytes / GiB)
 
     # queries ------------------------------------------------------------------------------------------------
@@ -382,7 +385,7 @@ class ModelHost:
             stats = loader.load(m.layout, host, buffer, read_files=not cached)
             if m.engine is None:
                 m.engine = self.engine_factory(
-                    m.model_dir, m.layout, buffer[: m.layout.total_bytes], self.device, m.dtype, **self.engine_kwargs
+                    m.model_dir, m.layout, buffer[: m.layout.total_bytes], self.device, m.dtype, **m.engine_kwargs
                 )
         except Exception as e:
             self._unmap_weights(m)
@@ -423,14 +426,15 @@ class ModelHost:
         return own + loans
 
     def _idle_slots(self, m: _Model) -> int:
-        """KV slots of HOT model ``m`` above its highest used block: what it could lend now."""
-        high = getattr(m.engine, "kv_blocks_high_water", None)
+        """KV slots of HOT model ``m`` above every block in use: what it could lend now. Exact if the block
+        manager exposes ``high_water`` (highest used id + 1); otherwise an upper bound from the used count.
+        Only ranks lenders and feeds the report: ``kv_reservation.lend`` asks the engine itself."""
+        blocks = m.engine.blocks
+        used_top = getattr(blocks, "high_water", None)
+        used_top = blocks.num_used if used_top is None else used_top
         mapped = m.account.mapped()
-        if high is None:
-            return mapped
-        used = high() if callable(high) else int(high)
         k = 0
-        while k < mapped and m.account.blocks(mapped - k - 1) >= used:
+        while k < mapped and m.account.blocks(mapped - k - 1) >= used_top:
             k += 1
         return k
 

@@ -469,10 +469,14 @@ def main() -> None:
     logging.getLogger("gpu_runtime.engine.engine").setLevel(logging.WARNING)
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", choices=["vmm", "all"], default="all")
-    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "bench/results"), "memory.json"))
+    ap.add_argument(
+        "--out", help="default: bench/results/memory.json ($OUT/ on the lent GPU); --part vmm: memory_vmm.json"
+    )
     ap.add_argument("--models", default="/tmp/warmserve-bench")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU; checks the script, measures nothing")
     args = ap.parse_args()
+    name = "memory.json" if args.part == "all" else "memory_vmm.json"
+    args.out = args.out or os.path.join(os.environ.get("OUT", "bench/results"), name)
     if args.dry_run:
         res: dict = {}
         big = write_model(os.path.join(args.models, "dry8b"), {**TINY, "tie_word_embeddings": False}, 4 * MiB, 0, "cpu")

@@ -17,6 +17,7 @@ from sim import paper_setup
 from sim.engine_model import DEFAULT_PROFILE
 from sim.report import markdown_table, measured, plot_timeline, plot_ttft_cdf, ttfts
 from sim.scenario import POLICIES, run_policy
+from warmer.forecast import METHODS
 
 log = logging.getLogger("sim")
 
@@ -43,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--alpha", type=float, default=2.0, help="popularity power law (i+1)^-alpha")
         p.add_argument("--envelope", choices=("flat", "servegen"), default="flat" if name == "run" else "servegen")
         p.add_argument("--profile", type=Path, default=DEFAULT_PROFILE, help="calibration profile JSON")
+        p.add_argument("--forecast", choices=METHODS, default="warmserve", help="warmserve policy's forecaster")
         p.add_argument("--json", type=Path, help="write the summaries here")
         p.add_argument("--plots", type=Path, help="write PNG plots into this directory")
     p = sub.add_parser("paper", help="the WarmServe paper's experiment: rate sweep, all policies")
@@ -67,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         log.error("%s", e)
         return 2
+    sc.forecast_method = args.forecast
     log.info("%d requests over %.0f s, %d functions", len(sc.workload), sc.workload.duration_s, len(sc.functions))
     rows, sims = [], {}
     for name in args.policies:

@@ -7,8 +7,8 @@ What is modelled, and why at this grain (docs/simulator.md has the full list):
   a request finishing) every sequence advances one token per decode step of constant length, so each instance
   keeps a "virtual token clock" V and a heap of the V at which each request finishes; only finishes are events.
   Prefills run as separate steps that pause decoding (vLLM's default order).
-- Instances sharing a GPU share its compute: a step takes `busy instances on that GPU` times longer (decode is
-  memory-bandwidth bound, so co-located engines' steps add up).
+- Instances sharing a GPU take turns on it: each step also waits for one step of every busy neighbour (decode is
+  memory-bandwidth bound and prefill compute bound, so co-located engines' steps add up rather than overlap).
 - Loads: disk -> host cache (per worker, FIFO disk, LRU host cache), host -> GPU over a per-GPU PCIe link (FIFO);
   a disk read and its PCIe copy are pipelined (ServerlessLLM's loader). Then an engine start (policy-dependent).
 - KV lending: WARM weights may sit in memory a HOT instance would use for KV; when that instance needs it, the
@@ -47,7 +47,7 @@ class Inst:
 
     __slots__ = (
         "iid", "f", "gpus", "node", "state", "since", "last_used", "ready_at", "ver", "heap", "V", "t_upd",
-        "waiting", "in_prefill", "batch", "n_active", "kv_tok", "busy", "then", "shard", "kv_bytes", "kv_cap",
+        "waiting", "in_prefill", "batch", "n_active", "kv_tok", "busy", "then", "shard", "kv_bytes", "kv_cap", "step_s",
     )  # fmt: skip
 
     def __init__(self, iid: int, f: int, gpus: tuple[int, ...], node: int, state: State, now: float, shard: int):
@@ -65,6 +65,7 @@ class Inst:
         self.then: State = State.HOT  # state after LOADING
         self.shard = shard
         self.kv_bytes = 0.0  # per GPU, held by this instance's live requests
+        self.step_s = 0.0  # its own current step (decode step or running prefill), before GPU sharing
         self.kv_cap = float("inf")  # per GPU: KV quota set by the policy (MuxServe's quotas, WarmServe's reservation)
 
     def load(self) -> int:
@@ -241,12 +242,19 @@ class Sim:
             self._admit(inst, q.popleft())
 
     # ---------------------------------------------------------------- batch engine
-    def _slowdown(self, x: Inst) -> int:
-        return max(1, max(self.n_busy[g] for g in x.gpus))
+    def _shared(self, x: Inst, own: float) -> float:
+        """A step of x when it shares GPUs with busy engines: they take turns (time slicing), so each of x's
+        steps also waits for one step of every busy neighbour on its most crowded GPU. Neighbours' step lengths
+        are the ones they last scheduled with (a neighbour's batch change does not re-time x: a small lag)."""
+        extra = 0.0
+        for g in x.gpus:
+            if self.n_busy[g] > (1 if x.busy else 0):
+                extra = max(extra, sum(y.step_s for y in self.on_gpu[g] if y is not x and y.busy))
+        return own + extra
 
     def _advance(self, x: Inst) -> None:
         if not x.in_prefill and x.n_active and self.now > x.t_upd:
-            step = self.fns[x.f].engine.decode_step_s(x.n_active, x.kv_tok) * self._slowdown(x)
+            step = self._shared(x, self.fns[x.f].engine.decode_step_s(x.n_active, x.kv_tok))
             x.V += (self.now - x.t_upd) / step
         x.t_upd = self.now
 
@@ -283,10 +291,12 @@ class Sim:
                 tokens += int(self.w.prompt[r])
                 batch.append(r)
             x.batch, x.in_prefill = batch, True
-            dur = self.fns[x.f].engine.prefill_s(tokens) * self._slowdown(x)
+            x.step_s = self.fns[x.f].engine.prefill_s(tokens)
+            dur = self._shared(x, x.step_s)
             self._push(self.now + dur, _STEP, x, x.ver)
         elif x.n_active:
-            step = self.fns[x.f].engine.decode_step_s(x.n_active, x.kv_tok) * self._slowdown(x)
+            x.step_s = self.fns[x.f].engine.decode_step_s(x.n_active, x.kv_tok)
+            step = self._shared(x, x.step_s)
             self._push(self.now + max(0.0, x.heap[0][0] - x.V) * step, _STEP, x, x.ver)
 
     def _step(self, x: Inst) -> None:

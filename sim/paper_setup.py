@@ -11,6 +11,7 @@ Run: python -m sim paper [--quick]
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import platform
@@ -34,13 +35,20 @@ START_HOUR = 10
 
 def build(total_rps: float, seed: int = 0, duration_s: float = 3600.0, profile_path=DEFAULT_PROFILE,
           models: list[str] | None = None, n_nodes: int = 2, gpus_per_node: int = 8, alpha: float = 2.0,
-          window_s: int = 300, envelope: str = "flat", start_s: float | None = None) -> Scenario:  # fmt: skip
+          window_s: int = 300, envelope: str = "flat", start_s: float | None = None,
+          overrides: dict | None = None) -> Scenario:  # fmt: skip
     """The paper's cluster and functions at `total_rps` mean total rate.
 
     envelope "flat": each function's rate is constant; the Azure hour repeats every hour (the paper's setting).
     envelope "servegen": each function's rate follows a real ServeGen client's 14-day series (10-min windows),
-    so days differ the way production days do; the run starts on day 8 unless start_s says otherwise."""
+    so days differ the way production days do; the run starts on day 8 unless start_s says otherwise.
+    `overrides` replaces profile fields (sensitivity runs), e.g. {"host_memory_bytes": 128e9}."""
     profile = load_profile(profile_path)
+    if overrides:
+        bad = set(overrides) - set(profile.__dataclass_fields__)
+        if bad:
+            raise ValueError(f"unknown profile field(s) to override: {', '.join(sorted(bad))}")
+        profile = dataclasses.replace(profile, **overrides)
     models = models or MODELS
     names = [f"{m}-{i}" for i, m in enumerate(models)]
     bases = traces.azure_bases()
@@ -87,6 +95,26 @@ def sweep(rates: list[float], seed: int, duration_s: float, policies=POLICIES, o
     return {"rows": rows, "last_rate": cdf_rate}
 
 
+# What the headline numbers depend on most: ondemand's load path. Each is run at SENS_RATE for three policies.
+SENS_RATE = 16.0
+SENSITIVITY = {
+    "host memory 128 GB per worker (70B weights do not fit: read from disk)": {"host_memory_bytes": 128 * 10**9},
+    "cold engine start 5 s (closer to a real vLLM start)": {"cold_engine_start_s": 5.0},
+    "cold engine start 0.2 s (optimistic)": {"cold_engine_start_s": 0.2},
+    "PCIe 25 GB/s per GPU": {"pcie_bytes_per_s": 25e9},
+}
+
+
+def sensitivity(seed: int, duration_s: float, policies=("warmserve", "ondemand", "static")) -> list[dict]:
+    rows = []
+    for label, ov in SENSITIVITY.items():
+        sc = build(SENS_RATE, seed=seed, duration_s=duration_s, overrides=ov)
+        for name in policies:
+            _, s = run_policy(sc, name)
+            rows.append(s | {"rate_rps": SENS_RATE, "variant": label})
+    return rows
+
+
 def analyse(rows: list[dict], target: float = 0.99) -> dict:
     by = {}
     for r in rows:
@@ -121,7 +149,7 @@ def analyse(rows: list[dict], target: float = 0.99) -> dict:
 
 def main(quick: bool = False, seed: int = 0, out_json: Path | None = None, report: Path | None = None,
          plots: Path | None = None) -> dict:  # fmt: skip
-    rates = [4.0, 16.0, 32.0] if quick else [4.0, 8.0, 16.0, 24.0, 32.0, 40.0, 48.0, 56.0, 64.0, 80.0]
+    rates = [4.0, 16.0, 32.0] if quick else [4.0, 8.0, 16.0, 24.0, 28.0, 32.0, 36.0, 40.0, 44.0, 48.0, 52.0, 56.0, 64.0]
     duration = 900.0 if quick else 3600.0
     t0 = time.perf_counter()
     res = sweep(rates, seed, duration, out_dir=plots)
@@ -146,6 +174,7 @@ def main(quick: bool = False, seed: int = 0, out_json: Path | None = None, repor
         "rates_rps": rates,
         "results": res["rows"],
         "analysis": analyse(res["rows"]),
+        "sensitivity": sensitivity(seed, duration),
         "wall_s": round(time.perf_counter() - t0, 1),
     }
     if out_json:
@@ -180,6 +209,12 @@ def render(out: dict) -> str:
         + ", ".join(f"{k}: {v:.3g}" for k, v in a["p99_ttft_ratio_ondemand_over_warmserve"].items()),
         "",
     ]
+    lines += [f"## Sensitivity (at {SENS_RATE:g} req/s): what ondemand's tail depends on", ""]
+    variants: dict[str, list] = {}
+    for r in out.get("sensitivity", []):
+        variants.setdefault(r["variant"], []).append(r)
+    for label, rows in variants.items():
+        lines += [f"### {label}", "", markdown_table(rows), ""]
     by_rate: dict[float, list] = {}
     for r in out["results"]:
         by_rate.setdefault(r["rate_rps"], []).append(r)

@@ -119,7 +119,9 @@ class Static(Policy):
         placed = [0] * nf
         order = sorted(
             ((f, k) for f in range(nf) for k in range(reps[f])),
-            key=lambda fk: (-sim.fns[fk[0]].engine.m.tp, fk[1], -demand[fk[0]] / reps[fk[0]]),
+            # whole-node-half groups first (so they are not fragmented), then the most loaded replicas, which thus
+            # get GPUs of their own while there are some; light ones share
+            key=lambda fk: (sim.fns[fk[0]].engine.m.tp < 4, -demand[fk[0]] / reps[fk[0]], fk),
         )
         for f, _ in order:
             nb = need(f)
@@ -201,8 +203,10 @@ class LRU(Policy):
         if sim.instances(f):  # one instance per model: wait for it
             return
         tp, shard = sim.fns[f].engine.m.tp, sim.fns[f].engine.m.shard_bytes
+        # Like Ollama: the GPUs with the most free memory first; evict only when nothing fits.
+        groups = sorted(_groups(sim, tp), key=lambda g: -min(sim.free_bytes(i) for i in g))
         for evict_ok in (False, True):
-            for g in _groups(sim, tp):
+            for g in groups:
                 room = self._make_room(sim, g, shard, evict_ok)
                 if room:
                     sim.load(f, g, State.HOT, sim.p.cold_engine_start_s)
@@ -402,8 +406,7 @@ class WarmServe(Policy):
     def on_pressure(self, sim: Sim, f: int, now: float) -> None:
         warm = [x for x in sim.instances(f) if x.state is State.WARM]
         if warm:  # fast path: a prewarmed copy, activated in milliseconds, on the least busy GPUs
-            x = min(warm, key=lambda x: (max(sim.n_busy[g] for g in x.gpus), x.iid))
-            sim.activate(x)
+            sim.activate(min(warm, key=lambda x: (max(sim.n_busy[g] for g in x.gpus), x.iid)))
             return
         if any(x.state is State.LOADING for x in sim.instances(f)):
             return

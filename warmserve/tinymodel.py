@@ -133,7 +133,9 @@ def build_tiny_llama(out_dir: Path, seed: int = 0, **config_overrides: object) -
     (tmp / "special_tokens_map.json").write_text(
         json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
     )
-    save_file(random_llama_weights(cfg, seed), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    dtype = getattr(torch, str(cfg["torch_dtype"]))
+    weights = {k: v.to(dtype) for k, v in random_llama_weights(cfg, seed).items()}
+    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)

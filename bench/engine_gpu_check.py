@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gpu_runtime import Engine, SamplingParams  # noqa: E402
-from gpu_runtime.engine.attention import paged_decode_torch, paged_decode_triton  # noqa: E402
+from gpu_runtime.engine.attention import decode_attention, paged_decode_torch, paged_decode_triton  # noqa: E402
 
 TOLERANCE = 1e-2
 
@@ -53,31 +53,63 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def check_model(arch: str, tmp: str) -> dict:
-    path = os.path.join(tmp, arch)
-    hf = build(path, arch)
-    engine = Engine.from_pretrained(path, device="cuda", dtype="bfloat16", max_num_seqs=8, max_model_len=1024)
+def run_engine(path: str, prompts: list[list[int]], fused: bool = True, triton_decode: bool = True):
+    """(engine, outputs, per-prompt logits [generated, vocab]) for greedy decoding; the flags swap the fused
+    Triton ops / the Triton decode kernel for their torch versions (diagnostics: which part costs accuracy)."""
+    from gpu_runtime.engine import model as model_module
+    from gpu_runtime.engine import ops
+
+    ops._fused = (lambda t: t.is_cuda and ops.triton is not None) if fused else (lambda t: False)
+    model_module.decode_attention = decode_attention if triton_decode else _torch_decode
+    engine = Engine.from_pretrained(
+        path, device="cuda", dtype="bfloat16", max_num_seqs=8, max_model_len=1024, enforce_eager=not triton_decode
+    )
     recorded: list[torch.Tensor] = []
     run = engine.runner.run
     engine.runner.run = lambda batch: recorded.append(run(batch).clone()) or recorded[-1]
+    outs = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    engine.runner.run = run
+    # Step 0 prefills all prompts (one row each), then every decode step has one row per prompt, in order.
+    logits = [torch.stack([recorded[0][i]] + [step[i] for step in recorded[1:]]) for i in range(len(prompts))]
+    ops._fused = lambda t: t.is_cuda and ops.triton is not None
+    model_module.decode_attention = decode_attention
+    return engine, outs, logits
+
+
+def _torch_decode(q, k_cache, v_cache, meta):
+    return paged_decode_torch(q, k_cache, v_cache, meta.block_tables, meta.context_lens)
+
+
+@torch.no_grad()
+def errors(models: dict, prompts, outs, logits) -> dict[str, list[float]]:
+    """Per generated position: relative L2 error of ``logits`` against each reference model."""
+    errs: dict[str, list[float]] = {name: [] for name in models}
+    for prompt, out, ours in zip(prompts, outs, logits, strict=True):
+        full = torch.tensor([prompt + out.token_ids], device="cuda")
+        for name, model in models.items():
+            ref = model(full).logits[0, len(prompt) - 1 : -1]  # the logits that produced each generated token
+            errs[name] += [rel_err(ours[j], ref[j]) for j in range(len(out.token_ids))]
+    return errs
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def check_model(arch: str, tmp: str) -> dict:
+    path = os.path.join(tmp, arch)
+    hf = build(path, arch)
+    hf32 = copy.deepcopy(hf).float()
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 32000, (n,), generator=g).tolist() for n in (300, 17, 64)]
-    outs = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
-    # recorded[i] rows follow the scheduler's order; rebuild it: step 0 prefills all three, then decode steps.
-    errs, hf_errs, f32_errs, token_match = [], [], [], 0
-    hf32 = copy.deepcopy(hf).float()
-    with torch.no_grad():
-        for i, (prompt, out) in enumerate(zip(prompts, outs, strict=True)):
-            full = torch.tensor([prompt + out.token_ids], device="cuda")
-            ref = hf(full).logits[0, len(prompt) - 1 : -1]  # logits that produced each generated token
-            ref32 = hf32(full).logits[0, len(prompt) - 1 : -1]
-            ours = torch.stack([recorded[0][i]] + [step[i] for step in recorded[1:]])
-            for j in range(len(out.token_ids)):
-                errs.append(rel_err(ours[j], ref[j]))
-                f32_errs.append(rel_err(ours[j], ref32[j]))
-                hf_errs.append(rel_err(ref[j], ref32[j]))
-            token_match += sum(int(ref[j].argmax()) == t for j, t in enumerate(out.token_ids))
-    del hf32
+    engine, outs, logits = run_engine(path, prompts)
+    errs = errors({"bf16": hf, "fp32": hf32}, prompts, outs, logits)
+    hf_logits = [hf(torch.tensor([p + o.token_ids], device="cuda")).logits[0, len(p) - 1 : -1] for p, o in
+                 zip(prompts, outs, strict=True)]  # fmt: skip
+    hf_errs = errors({"fp32": hf32}, prompts, outs, hf_logits)["fp32"]
+    token_match = sum(
+        int(ref[j].argmax()) == t for ref, o in zip(hf_logits, outs, strict=True) for j, t in enumerate(o.token_ids)
+    )
     # Graph reuse across detach/attach at the same address.
     buffer = engine._kv_buffer
     graphs = len(engine.runner.graphs)
@@ -86,15 +118,21 @@ def check_model(arch: str, tmp: str) -> dict:
     engine.attach_kv(buffer)
     again = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
     result = {
-        "max_rel_err_vs_transformers_bf16": max(errs),
-        "mean_rel_err_vs_transformers_bf16": sum(errs) / len(errs),
-        "meets_1e-2_target": max(errs) <= TOLERANCE,
-        "mean_rel_err_vs_fp32": sum(f32_errs) / len(f32_errs),
-        "transformers_bf16_mean_rel_err_vs_fp32": sum(hf_errs) / len(hf_errs),
+        "max_rel_err_vs_transformers_bf16": max(errs["bf16"]),
+        "mean_rel_err_vs_transformers_bf16": mean(errs["bf16"]),
+        "prefill_rel_err_vs_transformers_bf16": max(errs["bf16"][0 :: len(outs[0].token_ids)]),
+        "meets_1e-2_target": max(errs["bf16"]) <= TOLERANCE,
+        "mean_rel_err_vs_fp32": mean(errs["fp32"]),
+        "transformers_bf16_mean_rel_err_vs_fp32": mean(hf_errs),
         "greedy_tokens_agreeing_with_transformers_argmax": f"{token_match}/{sum(len(o.token_ids) for o in outs)}",
         "graphs_reused_after_reattach": len(engine.runner.graphs) == graphs,
         "same_tokens_after_reattach": [o.token_ids for o in again] == [o.token_ids for o in outs],
     }
+    engine.release()
+    for name, flags in (("torch_ops", dict(fused=False)), ("torch_decode", dict(triton_decode=False))):
+        variant, v_outs, v_logits = run_engine(path, prompts, **flags)
+        result[f"mean_rel_err_vs_fp32_with_{name}"] = mean(errors({"fp32": hf32}, prompts, v_outs, v_logits)["fp32"])
+        variant.release()
     result["ok"] = result["mean_rel_err_vs_fp32"] <= 1.25 * result["transformers_bf16_mean_rel_err_vs_fp32"]
     print(arch, result, flush=True)
     return result
@@ -127,7 +165,8 @@ def check_ops() -> dict:
     h, kvh, d = 32, 8, 128
     qkv = torch.randn(64, (h + 2 * kvh) * d, dtype=dt, device=dev)
     pos = torch.randint(0, 4096, (64,), device=dev)
-    emb = torch.randn(4096, d, device=dev)
+    freqs = torch.randn(4096, d // 2, device=dev)
+    emb = torch.cat((freqs, freqs), dim=-1)  # rotary tables repeat their first half
     cos, sin = emb.cos().to(dt), emb.sin().to(dt)
     qn, kn = torch.randn(d, dtype=dt, device=dev), torch.randn(d, dtype=dt, device=dev)
     results = []

@@ -10,10 +10,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from gpu_runtime.reference_engine import ReferenceEngine
-
 from functions.spec import FunctionSpec
 from gpu_runtime.memory import ModelHost
+from gpu_runtime.reference_engine import ReferenceEngine
 from invoker.states import COLD, HOT
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -46,7 +45,13 @@ class ServingModels:
                 self.reference[spec.name] = ReferenceEngine(spec.model, self.device, spec.dtype)
             return HOT
         if spec.name not in self.builtin:
-            self.host.register(spec.name, spec.model, spec.dtype, kv_bytes_for(spec))
+            self.host.register(
+                spec.name,
+                spec.model,
+                spec.dtype,
+                kv_bytes_for(spec),
+                engine_kwargs={"max_model_len": spec.max_model_len},
+            )
             self.builtin.add(spec.name)
         if action == "evict":
             self.host.evict(spec.name, to="HOST")

@@ -23,7 +23,7 @@ from invoker.serving import kv_bytes_for
 from invoker.states import HOST, HOT, WARM
 from invoker.submit import live_workers_sync, send_control
 from warmer import cluster
-from warmer.forecast import Prediction, make_forecaster
+from warmer.forecast import DEFAULT_METHOD, Prediction, make_forecaster
 from warmer.placement import plan
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def to_view(
 
 
 class Warmer:
-    def __init__(self, r: redis.Redis, method: str = "warmserve") -> None:
+    def __init__(self, r: redis.Redis, method: str = DEFAULT_METHOD) -> None:
         self.r = r
         self.registry = Registry(r)
         self.forecaster = make_forecaster(method, window_s=WINDOW_S)
@@ -125,7 +125,7 @@ class Warmer:
         return out
 
 
-def run_warmer(redis_url: str, interval_s: float = 5.0, method: str = "warmserve") -> None:
+def run_warmer(redis_url: str, interval_s: float = 5.0, method: str = DEFAULT_METHOD) -> None:
     warmer = Warmer(redis.Redis.from_url(redis_url), method)
     log.info("warmer planning every %.1f s with the %s forecaster", interval_s, method)
     while True:

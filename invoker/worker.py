@@ -21,11 +21,11 @@ import uuid
 from dataclasses import dataclass, field
 
 import redis
-from gpu_runtime.tokenizer import IncrementalDecoder
 from rq import Queue, SimpleWorker
 
 from functions.spec import FunctionSpec
 from gpu_runtime import SamplingParams, Tokenizer
+from gpu_runtime.tokenizer import IncrementalDecoder
 from invoker import control, keys
 from invoker.registry import Registry
 from invoker.schemas import Invocation, WorkerInfo, event

@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--plots", type=Path, help="write PNG plots into this directory")
     p = sub.add_parser("paper", help="the WarmServe paper's experiment: rate sweep, all policies")
     p.add_argument("--quick", action="store_true", help="3 rates, 15 minutes each (a smoke run)")
+    p.add_argument("--part", choices=("all", "sweep", "diurnal"), default="all", help="diurnal: add to --json")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=Path("bench/results/sim_paper_setup.json"))
     p.add_argument("--report", type=Path, default=Path("docs/sim_paper_report.md"))
@@ -61,8 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.cmd == "paper":
-            out = paper_setup.main(args.quick, args.seed, args.json, args.report, args.plots)
-            print(json.dumps(out["analysis"], indent=1))
+            out = paper_setup.main(args.quick, args.seed, args.json, args.report, args.plots, args.part)
+            print(
+                json.dumps(
+                    {k: out[k]["analysis"] if k == "diurnal" else out[k] for k in ("analysis", "diurnal") if k in out},
+                    indent=1,
+                )
+            )
             return 0
         sc = paper_setup.build(args.rate, seed=args.seed, duration_s=args.duration, profile_path=args.profile,
                                alpha=args.alpha, envelope=args.envelope)  # fmt: skip

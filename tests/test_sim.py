@@ -131,3 +131,12 @@ def test_bad_inputs_name_file_and_field(tmp_path):
 def test_powerlaw_shares():
     w = powerlaw(4, 2.0)
     assert w.sum() == pytest.approx(1.0) and w[0] / w[1] == pytest.approx(4.0)
+
+
+def test_servegen_envelope_day_scenario_runs():
+    sc = paper_setup.build(4.0, seed=2, duration_s=600.0, envelope="servegen", start_s=7 * DAY + 14 * 3600)
+    assert sc.history.shape == (len(sc.functions), (7 * DAY + 14 * 3600) // 300)
+    sim, s = run_policy(sc, "warmserve")
+    assert sim.completed == len(sc.workload) and s["requests"] > 0
+    with pytest.raises(ValueError, match="envelope"):
+        paper_setup.build(4.0, envelope="weekly")

@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis
@@ -81,6 +82,7 @@ class Worker:
         self.work = threading.Event()
         self.stopping = threading.Event()
         self.started = time.time()
+        self.last_reclaim = 0.0
 
     # ---- control jobs (RQ main thread) ----
     def apply_control(self, action: str, function: str) -> str:
@@ -145,12 +147,21 @@ class Worker:
             p.zremrangebyscore(keys.WORKERS, "-inf", info.heartbeat - 60)
             p.execute()
 
-    def heartbeat_loop(self) -> None:
-        while not self.stopping.wait(HEARTBEAT_S):
+    def heartbeat_once(self) -> None:
+        self.stopping.wait(HEARTBEAT_S)
+        self.publish_info()
+
+    def forever(self, body: Callable[[], None]) -> None:
+        """Run a thread's body until shutdown; an error is logged and retried, never ends the thread."""
+        while not self.stopping.is_set():
             try:
-                self.publish_info()
+                body()
             except redis.RedisError as exc:
-                log.warning("heartbeat failed: %s", exc)
+                log.warning("%s: redis error (%s); retrying in 1 s", body.__name__, exc)
+                self.stopping.wait(1.0)
+            except Exception:
+                log.exception("%s failed; retrying in 1 s", body.__name__)
+                self.stopping.wait(1.0)
 
     # ---- consuming invocations ----
     def served_streams(self) -> dict[str, str]:
@@ -162,24 +173,18 @@ class Worker:
             if states.get(fn) in SERVABLE and self.inflight(fn) < MAX_INFLIGHT_PER_FUNCTION
         }
 
-    def consume_loop(self) -> None:
-        last_reclaim = 0.0
-        while not self.stopping.is_set():
-            try:
-                streams = self.served_streams()
-                if time.monotonic() - last_reclaim > HEARTBEAT_S:
-                    last_reclaim = time.monotonic()
-                    self.reclaim_orphans()
-                if not streams:
-                    self.stopping.wait(0.1)
-                    continue
-                got = self.r.xreadgroup(keys.GROUP, self.worker_id, streams, count=16, block=200)
-                for _stream, entries in got or []:
-                    for entry_id, fields in entries:
-                        self.start(entry_id, fields)
-            except redis.RedisError as exc:
-                log.warning("consumer: redis error %s; retrying", exc)
-                self.stopping.wait(1.0)
+    def consume_once(self) -> None:
+        streams = self.served_streams()
+        if time.monotonic() - self.last_reclaim > HEARTBEAT_S:
+            self.last_reclaim = time.monotonic()
+            self.reclaim_orphans()
+        if not streams:
+            self.stopping.wait(0.1)
+            return
+        got = self.r.xreadgroup(keys.GROUP, self.worker_id, streams, count=16, block=200)
+        for _stream, entries in got or []:
+            for entry_id, fields in entries:
+                self.start(entry_id, fields)
 
     def reclaim_orphans(self) -> None:
         """Take over invocations claimed by workers whose heartbeat stopped."""
@@ -252,29 +257,25 @@ class Worker:
         self.work.set()
 
     # ---- generating ----
-    def engine_loop(self) -> None:
-        while not self.stopping.is_set():
-            if not self.running:
-                self.work.wait(0.05)
-                self.work.clear()
-                continue
-            busy = False
-            for fn in {run.inv.function for run in list(self.running.values())}:
-                with self.lock:
-                    engine = self.models.hot_engine(fn)
-                    if engine is None or not engine.has_unfinished():
-                        continue
-                    busy = True
-                    try:
-                        outs = engine.step()
-                    except Exception as exc:
-                        log.exception("engine step failed for %s", fn)
-                        self.fail_function(fn, str(exc))
-                        continue
-                self.publish(outs)
-            if not busy:
-                self.work.wait(0.01)
-                self.work.clear()
+    def engine_once(self) -> None:
+        """Step every HOT engine that has work once (round robin over models), then publish their tokens."""
+        busy = False
+        for fn in {run.inv.function for run in list(self.running.values())}:
+            with self.lock:
+                engine = self.models.hot_engine(fn)
+                if engine is None or not engine.has_unfinished():
+                    continue
+                busy = True
+                try:
+                    outs = engine.step()
+                except Exception as exc:
+                    log.exception("engine step failed for %s", fn)
+                    self.fail_function(fn, str(exc))
+                    continue
+            self.publish(outs)
+        if not busy:
+            self.work.wait(0.05 if not self.running else 0.01)
+            self.work.clear()
 
     def publish(self, outs: list) -> None:
         with self.r.pipeline(transaction=False) as p:
@@ -339,24 +340,20 @@ class Worker:
             self.finish_error(run.inv, run.entry_id, 500, f"engine failure: {message}")
 
     # ---- cancellation ----
-    def cancel_loop(self) -> None:
-        pubsub = self.r.pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(keys.CANCEL_CHANNEL)
-        while not self.stopping.is_set():
-            msg = pubsub.get_message(timeout=0.5)
-            if not msg:
-                continue
-            request_id = msg["data"].decode()
-            run = self.running.get(request_id)
-            if run is None:
-                continue
-            with self.lock:
-                engine = self.models.hot_engine(run.inv.function)
-                if engine is not None:
-                    engine.abort(request_id)
-            log.info("cancelled %s (client disconnected)", request_id)
-            self.ack(run.inv, run.entry_id)
-        pubsub.close()
+    def cancel_once(self) -> None:
+        with self.r.pubsub(ignore_subscribe_messages=True) as pubsub:
+            pubsub.subscribe(keys.CANCEL_CHANNEL)
+            while not self.stopping.is_set():
+                msg = pubsub.get_message(timeout=0.5)
+                run = self.running.get(msg["data"].decode()) if msg else None
+                if run is None:
+                    continue
+                with self.lock:
+                    engine = self.models.hot_engine(run.inv.function)
+                    if engine is not None:
+                        engine.abort(run.inv.request_id)
+                log.info("cancelled %s (client disconnected)", run.inv.request_id)
+                self.ack(run.inv, run.entry_id)
 
     # ---- lifecycle ----
     def run(self) -> None:
@@ -364,8 +361,8 @@ class Worker:
         self.publish_info()
         log.info("worker %s on %s registered (redis %s)", self.worker_id, self.device, self.redis_url)
         threads = [
-            threading.Thread(target=f, name=f.__name__, daemon=True)
-            for f in (self.heartbeat_loop, self.consume_loop, self.engine_loop, self.cancel_loop)
+            threading.Thread(target=self.forever, args=(body,), name=body.__name__, daemon=True)
+            for body in (self.heartbeat_once, self.consume_once, self.engine_once, self.cancel_once)
         ]
         for t in threads:
             t.start()

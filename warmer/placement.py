@@ -30,6 +30,7 @@ _W_BURST = 2.0  # per unit of (burst_f * burst_r) shared with a co-resident func
 _W_LEND = 1.0  # per fraction of the shard placed in lent KV memory, scaled by the lender's forecast use
 _W_DISK = 4.0  # the worker must read the weights from disk first
 _W_EVICT = 8.0  # per unit of forecast demand of an evicted copy (plus a fixed 1)
+_W_OVERLOAD = 20.0  # per unit of forecast compute demand above one GPU's worth
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,7 @@ def _best_group(view: ClusterView, spec: FunctionSpec, demand: dict[str, _Demand
     """Cheapest [evict..., load_host?, prewarm] that puts one more copy of `spec` on some GPU group."""
     mine = demand[spec.name]
     util = _gpu_util(view, demand, exclude=spec.name)
+    share = mine.util / (len(_of(view, spec.name, State.HOT, State.WARM, State.LOADING)) + 1)
     best: tuple[float, list[Action]] | None = None
     for w in view.workers:
         for gpus in _groups(w, spec.tp):
@@ -137,7 +139,11 @@ def _best_group(view: ClusterView, spec: FunctionSpec, demand: dict[str, _Demand
             if got is None:
                 continue
             cost, evictions = got
+            busiest = max(util.get((w.name, g), 0.0) for g in gpus)
             cost += sum(util.get((w.name, g), 0.0) for g in gpus) / len(gpus)
+            # A copy on a GPU whose engines are already forecast to fill it adds no capacity (engines sharing a GPU
+            # take turns) and slows them: almost never worth it.
+            cost += _W_OVERLOAD * max(0.0, busiest + share - 1.0)
             for x in _residents(view, w.name, gpus):
                 if x.function != spec.name and x not in evictions:
                     cost += _W_BURST * mine.burst * demand[x.function].burst

@@ -13,7 +13,6 @@ against their torch versions, and graph reuse after re-attaching the KV buffer a
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -38,15 +37,21 @@ SHAPES = {
 }  # fmt: skip
 
 
-def build(path: str, arch: str) -> torch.nn.Module:
+def build(path: str, arch: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Save random bf16 weights, then load them back as transformers bf16 and float32 models. Loading (rather
+    than ``model.to(bfloat16)``) matters: ``.to`` also rounds the rotary ``inv_freq`` buffer to bf16, which moves
+    transformers' rotary angles by ~0.1% per frequency and its logits by percents."""
     import transformers
 
     names = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}[arch]
     config = getattr(transformers, names + "Config")(max_position_embeddings=4096, **SHAPES[arch])
     torch.manual_seed(0)
-    model = getattr(transformers, names + "ForCausalLM")(config).to(torch.bfloat16)
-    model.save_pretrained(path)
-    return model.cuda().eval()
+    cls = getattr(transformers, names + "ForCausalLM")
+    cls(config).to(torch.bfloat16).save_pretrained(path)
+    hf = cls.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+    hf32 = cls.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    assert hf.model.rotary_emb.inv_freq.dtype == torch.float32, "transformers rounded inv_freq"
+    return hf, hf32
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -98,8 +103,7 @@ def mean(xs: list[float]) -> float:
 
 def check_model(arch: str, tmp: str) -> dict:
     path = os.path.join(tmp, arch)
-    hf = build(path, arch)
-    hf32 = copy.deepcopy(hf).float()
+    hf, hf32 = build(path, arch)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 32000, (n,), generator=g).tolist() for n in (300, 17, 64)]
     engine, outs, logits = run_engine(path, prompts)
@@ -160,7 +164,8 @@ def check_ops() -> dict:
 
     torch.manual_seed(0)
     dt, dev = torch.bfloat16, "cuda"
-    x, r, w = (torch.randn(64, 4096, dtype=dt, device=dev) for _ in range(3))
+    x, r = (torch.randn(64, 4096, dtype=dt, device=dev) for _ in range(2))
+    w = torch.randn(4096, dtype=dt, device=dev)
     gu = torch.randn(64, 2 * 14336, dtype=dt, device=dev)
     h, kvh, d = 32, 8, 128
     qkv = torch.randn(64, (h + 2 * kvh) * d, dtype=dt, device=dev)

@@ -14,6 +14,10 @@ from gpu_runtime.engine.sequence import Sequence
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int) -> None:
         self.block_size = block_size
+        self.reset(num_blocks)
+
+    def reset(self, num_blocks: int) -> None:
+        """Start over with ``num_blocks`` free blocks (a new KV buffer); no sequence may hold blocks."""
         self.num_blocks = num_blocks
         self.limit = num_blocks
         self._free = list(range(num_blocks))  # a heap; sorted already

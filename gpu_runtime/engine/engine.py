@@ -51,6 +51,14 @@ def _device(device: str | torch.device) -> torch.device:
 
 
 class Engine:
+    """One model, served with continuous batching over a paged KV cache.
+
+    ``generate`` runs prompts to completion; the worker uses ``add_request``/``abort`` (any thread) and ``step``
+    (one engine thread). The memory seam: ``from_weights`` over a filled weight buffer, ``attach_kv``/``detach_kv``
+    of a block-major KV buffer (``kv_block_bytes`` per block), ``set_kv_limit`` to keep out of its lent top, and
+    ``kv_pressure_hook(want) -> given`` called before preempting when blocks run short.
+    """
+
     def __init__(
         self,
         model_dir: str,
@@ -178,7 +186,7 @@ class Engine:
             raise ValueError(f"KV buffer of {buffer.numel()} bytes is not a multiple of {self.kv_block_bytes}")
         num_blocks = buffer.numel() // self.kv_block_bytes
         self._kv_buffer = buffer
-        self.blocks.__init__(num_blocks, self.block_size)
+        self.blocks.reset(num_blocks)
         self.runner.set_kv(buffer, num_blocks)
         log.info("KV cache attached: %d blocks of %d bytes", num_blocks, self.kv_block_bytes)
 
@@ -190,7 +198,7 @@ class Engine:
             raise RuntimeError("detach_kv: requests are still running; abort or finish them first")
         buffer, self._kv_buffer = self._kv_buffer, None
         self.runner.set_kv(None, 0)
-        self.blocks.__init__(0, self.block_size)
+        self.blocks.reset(0)
         if buffer is not None and self._kv_owned:
             self.allocator.release(buffer)
         self._kv_owned = False

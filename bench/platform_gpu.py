@@ -49,7 +49,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ttft(url: str, prompt_tokens: int) -> float:
+def ttft(client: httpx.Client, url: str, prompt_tokens: int) -> float:
+    """Client-side time to the first streamed token, over a kept-alive connection (as a real client would)."""
     body = {
         "model": FN,
         "prompt": [5] * prompt_tokens,
@@ -59,7 +60,7 @@ def ttft(url: str, prompt_tokens: int) -> float:
         "stream": True,
     }
     t0 = time.perf_counter()
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=300) as resp:
+    with client.stream("POST", f"{url}/v1/completions", json=body, timeout=300) as resp:
         resp.raise_for_status()
         lines = resp.iter_lines()
         for line in lines:
@@ -112,10 +113,11 @@ def main() -> None:
     procs = [
         subprocess.Popen([*cli, "gateway", "--redis", redis_url, "--port", str(port)], env=env),
         subprocess.Popen(
-            [*cli, "worker", "--redis", redis_url, "--device", args.device, "--worker-id", "gpu0"], env=env
+            [*cli, "-v", "worker", "--redis", redis_url, "--device", args.device, "--worker-id", "gpu0"], env=env
         ),
     ]
     r = redis.Redis.from_url(redis_url)
+    client = httpx.Client()
     try:
         while True:
             try:
@@ -126,19 +128,31 @@ def main() -> None:
             time.sleep(0.2)
         spec = {"name": FN, "model": str(model), "dtype": "bfloat16", "max_model_len": 2048}
         httpx.post(f"{url}/functions", json=spec).raise_for_status()
-        results: dict[str, list[float]] = {"COLD": [ttft(url, args.prompt_tokens)]}  # routed + loaded on demand
+        results: dict[str, list[float]] = {"COLD": [ttft(client, url, args.prompt_tokens)]}  # routed + loaded on demand
         for _ in range(3):
-            ttft(url, args.prompt_tokens)  # warm up kernels and graphs
-        results["HOT"] = [ttft(url, args.prompt_tokens) for _ in range(args.repeats)]
+            ttft(client, url, args.prompt_tokens)  # warm up kernels and graphs
+        results["HOT"] = [ttft(client, url, args.prompt_tokens) for _ in range(args.repeats)]
         results["WARM"], results["HOST"] = [], []
         for _ in range(args.repeats):
             move(r, url, "gpu0", "deactivate", "WARM")
-            results["WARM"].append(ttft(url, args.prompt_tokens))
+            results["WARM"].append(ttft(client, url, args.prompt_tokens))
         for _ in range(args.repeats):
             move(r, url, "gpu0", "evict", "HOST")
-            results["HOST"].append(ttft(url, args.prompt_tokens))
+            results["HOST"].append(ttft(client, url, args.prompt_tokens))
         import torch
 
+        from gpu_runtime import Engine, SamplingParams
+
+        # The engine alone on the same weights and prompt: what the platform adds on top of it.
+        engine = Engine.from_pretrained(str(model), device=args.device, dtype="bfloat16", max_model_len=2048)
+        prompt, one = [5] * args.prompt_tokens, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+        for _ in range(3):
+            engine.generate([prompt], one)
+        engine_ms = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            engine.generate([prompt], one)
+            engine_ms.append((time.perf_counter() - t0) * 1e3)
         out = {
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
             "date": datetime.date.today().isoformat(),
@@ -158,6 +172,8 @@ def main() -> None:
             "ttft_ms_by_state": {k: [round(v * 1e3, 2) for v in vs] for k, vs in results.items()},
             "ttft_ms_median_by_state": {k: round(statistics.median(vs) * 1e3, 2) for k, vs in results.items()},
         }
+        out["engine_only_first_token_ms_median"] = round(statistics.median(engine_ms), 2)
+        out["platform_overhead_hot_ms"] = round(out["ttft_ms_median_by_state"]["HOT"] - statistics.median(engine_ms), 2)
         out["warm_minus_hot_ms"] = round(
             out["ttft_ms_median_by_state"]["WARM"] - out["ttft_ms_median_by_state"]["HOT"], 2
         )

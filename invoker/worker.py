@@ -51,7 +51,7 @@ class Running:
     text: str = ""  # everything decoded so far (for stop strings)
     sent_chars: int = 0  # how much of `text` has been published
     pos: int = 0
-    started: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=time.time)
 
 
 def hold_back(text: str, stops: tuple[str, ...]) -> int:
@@ -95,6 +95,8 @@ class Worker:
                 raise RuntimeError(f"'{function}' has {self.inflight(function)} running requests; not moving it")
             state = self.models.apply(action, spec)
         log.info("%s %s -> %s in %.1f ms", action, function, state, (time.perf_counter() - t0) * 1e3)
+        if state in SERVABLE:  # let the next cold request route at once instead of waiting out the lock
+            self.r.delete(keys.routing_lock(function))
         self.publish_info()
         return state
 
@@ -217,6 +219,7 @@ class Worker:
                         self.r.xack(stream, keys.GROUP, entry_id)
 
     def start(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        """Begin generating one invocation (read from the stream or re-claimed from a dead worker)."""
         try:
             inv = Invocation.from_fields(fields)
         except (KeyError, ValueError, TypeError) as exc:
@@ -295,6 +298,13 @@ class Worker:
                     delta = run.text[run.sent_chars : max(limit, run.sent_chars)]
                     run.sent_chars += len(delta)
                     self.emit(run.inv.request_id, event("token", pos=run.pos, id=tok, text=delta), pipe=p)
+                    if run.pos == 0:
+                        log.debug(
+                            "%s: %.1f ms queued, first token %.1f ms after start",
+                            run.inv.request_id,
+                            (run.started - run.inv.created) * 1e3,
+                            (time.time() - run.started) * 1e3,
+                        )
                     run.pos += 1
                     if hit >= 0:
                         break

@@ -102,6 +102,10 @@ def paged_decode_torch(q, k_cache, v_cache, block_tables, context_lens) -> torch
     ks = k_cache[table].reshape(b, nblocks * block_size, kv_heads, d).transpose(1, 2)
     vs = v_cache[table].reshape(b, nblocks * block_size, kv_heads, d).transpose(1, 2)
     mask = torch.arange(nblocks * block_size, device=q.device)[None, :] < context_lens[:, None]
+    # Slots past a sequence's length hold whatever the page held before (a pool may hand out pages that held
+    # other data, even NaN bit patterns); NaN survives both the -inf mask and a zero weight, so zero them first.
+    live = mask[:, None, :, None]
+    ks, vs = ks.masked_fill(~live, 0), vs.masked_fill(~live, 0)
     o = F.scaled_dot_product_attention(q.unsqueeze(2), ks, vs, attn_mask=mask[:, None, None, :], enable_gqa=True)
     return o.squeeze(2)
 

@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+import anyio
 import orjson
 import redis
 import redis.asyncio as aredis
@@ -175,9 +176,12 @@ class Gateway:
                 finished = True
                 yield b"data: [DONE]\n\n"
             finally:
-                if not finished:  # the client went away mid-answer
-                    await self.invoker.cancel(rid)
-                await events.aclose()
+                # Starlette cancels this generator when the client disconnects; without a shield every await
+                # here would be cancelled too and the worker would generate for nobody.
+                with anyio.CancelScope(shield=True):
+                    if not finished:  # the client went away mid-answer
+                        await self.invoker.cancel(rid)
+                    await events.aclose()
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

@@ -87,6 +87,20 @@ def tiny_model(cache_dir) -> Path:
     return build_tiny_llama(cache_dir / "models" / "tiny-llama")
 
 
+@pytest.fixture(scope="session")
+def slow_model(cache_dir) -> Path:
+    """Wider and deeper than the demo model, so an answer lasts long enough to act in the middle of it."""
+    return build_tiny_llama(
+        cache_dir / "models" / "slower-llama",
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=32,
+    )
+
+
 @dataclass
 class Stack:
     """Gateway + workers as real processes against a real Redis."""

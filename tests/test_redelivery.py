@@ -8,29 +8,13 @@ import time
 
 import httpx
 import orjson
-import pytest
 import redis
 from conftest import start_stack, wait_for
 
 from invoker import keys
-from warmserve.tinymodel import build_tiny_llama
 
 FN = "redeliver"
 MAX_TOKENS = 400
-
-
-@pytest.fixture(scope="module")
-def slow_model(cache_dir):
-    # Wider and deeper than the demo model so an answer takes long enough to kill a worker in the middle of it.
-    return build_tiny_llama(
-        cache_dir / "models" / "slower-llama",
-        hidden_size=256,
-        intermediate_size=768,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        head_dim=32,
-    )
 
 
 def stream_tokens(url: str, body: dict, on_first=None) -> tuple[str, list[str], int]:

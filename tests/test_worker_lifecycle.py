@@ -1,0 +1,61 @@
+"""A worker stops generating for clients that went away, and leaves the cluster cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import httpx
+import pytest
+import redis
+from conftest import start_stack, wait_for
+
+from invoker import keys
+
+FN = "lifecycle"
+
+
+@pytest.fixture
+def stack(redis_url, slow_model, tmp_path):
+    url = redis_url.rsplit("/", 1)[0] + "/4"
+    redis.Redis.from_url(url).flushdb()
+    s = start_stack(url, tmp_path, workers=1)
+    spec = {"name": FN, "model": str(slow_model), "max_model_len": 1024}
+    assert httpx.post(f"{s.url}/functions", json=spec).status_code == 201
+    yield s
+    s.stop()
+
+
+def inflight(stack) -> int:
+    (worker,) = httpx.get(f"{stack.url}/status").json()["workers"]
+    return worker["inflight"].get(FN, 0)
+
+
+def test_client_disconnect_cancels_generation(stack, tmp_path):
+    body = {"model": FN, "prompt": "Hello", "max_tokens": 1000, "ignore_eos": True, "temperature": 0, "stream": True}
+    t0 = time.monotonic()
+    with httpx.stream("POST", f"{stack.url}/v1/completions", json=body, timeout=60) as resp:
+        assert resp.status_code == 200
+        for n, _ in enumerate(resp.iter_lines()):
+            if n == 6:
+                break  # the client hangs up after a few tokens
+    wait_for(lambda: inflight(stack) == 0, 20, "the worker to drop the cancelled request")
+    worker_log = next(tmp_path.glob("w0-*.log")).read_text()
+    assert "cancelled" in worker_log and "client disconnected" in worker_log
+    r = redis.Redis.from_url(stack.redis_url)
+    assert r.xlen(keys.invocations(FN)) == 0  # acknowledged, not left for re-delivery
+    # the worker is free again: a fresh request is answered normally
+    short = {**body, "stream": False, "max_tokens": 4}
+    assert httpx.post(f"{stack.url}/v1/completions", json=short, timeout=60).json()["usage"]["completion_tokens"] == 4
+    assert time.monotonic() - t0 < 60
+
+
+def test_sigterm_deregisters_the_worker(stack):
+    r = redis.Redis.from_url(stack.redis_url)
+    ((wid, proc),) = stack.workers.items()
+    assert r.zscore(keys.WORKERS, wid) is not None
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
+    assert r.zscore(keys.WORKERS, wid) is None and not r.exists(keys.worker(wid))
+    resp = httpx.post(f"{stack.url}/v1/completions", json={"model": FN, "prompt": "hi"})
+    assert resp.status_code == 503  # no live worker is left: the gateway says so instead of queueing forever

@@ -107,6 +107,7 @@ class Sim:
         self._events: list = []
         self._seq = 0
         self.now = workload.start_s
+        self.end = workload.start_s + workload.duration_s
         self.kv_per_tok = [f.engine.m.kv_bytes_per_token / f.engine.m.tp for f in functions]
         nreq = len(workload)
         self.first_token = np.full(nreq, np.nan)
@@ -163,7 +164,7 @@ class Sim:
                 self._push(t + self.sample_s, _SAMPLE, None, 0)
         for g in range(self.n_gpus):
             if self.occ_since[g] is not None:
-                self.gpu_seconds += min(self.now, end) - self.occ_since[g]
+                self.gpu_seconds += max(0.0, min(self.now, end) - self.occ_since[g])
                 self.occ_since[g] = None
         return self
 
@@ -411,9 +412,6 @@ class Sim:
             cache[f] = ready
             self.host_used[node] += nbytes
 
-    def host_cached(self, node: int) -> dict[int, float]:
-        return dict(self.host[node])
-
     def activate(self, x: Inst, kv_cap: float = float("inf")) -> None:
         """WARM -> HOT: map KV pages (milliseconds); `kv_cap` bytes per GPU at most."""
         assert x.state is State.WARM, x.state
@@ -438,8 +436,8 @@ class Sim:
         for g in x.gpus:
             self.weights[g] -= x.shard
             self.on_gpu[g].remove(x)
-            if not self.on_gpu[g]:
-                self.gpu_seconds += self.now - self.occ_since[g]
+            if not self.on_gpu[g]:  # GPU time is counted over the run, not the drain after it
+                self.gpu_seconds += max(0.0, min(self.now, self.end) - self.occ_since[g])
                 self.occ_since[g] = None
         x.ver += 1
 

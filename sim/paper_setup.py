@@ -140,9 +140,18 @@ def analyse(rows: list[dict], target: float = 0.99) -> dict:
     gain = None
     if "static" in sustained and "warmserve" in sustained and sustained["static"]["max_rate_rps"] > 0:
         gain = sustained["warmserve"]["max_rate_rps"] / sustained["static"]["max_rate_rps"]
+    # The headline ratio only counts rates where warmserve itself meets the target: past that both are overloaded
+    # and the ratio of two queueing blow-ups means nothing.
+    ok_ws = set(sustained.get("warmserve", {}).get("rates_meeting_target", []))
+    served = [v for k, v in ratio.items() if float(k) in ok_ws]
     return {
         "sustained_at_slo": sustained,
         "p99_ttft_ratio_ondemand_over_warmserve": ratio,
+        "p99_ttft_ratio_where_warmserve_meets_slo": {
+            "max": max(served) if served else None,
+            "median": float(np.median(served)) if served else None,
+            "min": min(served) if served else None,
+        },
         "max_p99_ttft_ratio": max(ratio.values()) if ratio else None,
         "rate_gain_warmserve_over_static": gain,
     }
@@ -150,7 +159,7 @@ def analyse(rows: list[dict], target: float = 0.99) -> dict:
 
 # A harder shape than the paper's: each function follows a real ServeGen client's day (spiky, bursts of 5-12x its
 # mean within an hour), 4 hours of day 8 after 7 days of history. Static still gets the true mean of the window.
-DIURNAL = {"start_hour": 14, "hours": 4, "rates": [4.0, 8.0, 12.0, 16.0, 20.0, 24.0, 32.0]}
+DIURNAL = {"start_hour": 14, "hours": 4, "rates": [1.0, 2.0, 4.0, 8.0, 12.0, 16.0, 20.0, 24.0]}
 DIURNAL_POLICIES = ("warmserve", "static", "ondemand")
 
 
@@ -179,6 +188,7 @@ def main(quick: bool = False, seed: int = 0, out_json: Path | None = None, repor
         if out_json is None or not out_json.exists():
             raise ValueError(f"--part diurnal adds to an existing results file; {out_json} not found")
         out = json.loads(out_json.read_text())
+        out["analysis"] = analyse(out["results"])
     else:
         out = _sweep_part(quick, seed, plots)
     if part in ("all", "diurnal"):
@@ -222,6 +232,10 @@ def _sweep_part(quick: bool, seed: int, plots: Path | None) -> dict:
     }
 
 
+def _g(x) -> str:
+    return "n/a" if x is None else f"{x:.3g}"
+
+
 def render(out: dict) -> str:
     a = out["analysis"]
     lines = [
@@ -239,9 +253,12 @@ def render(out: dict) -> str:
         lines.append(f"| {p} | {d['max_rate_rps']:g} |")
     lines += [
         "",
-        f"warmserve / static: **{a['rate_gain_warmserve_over_static']}** (paper: up to 2.5x)",
+        f"warmserve / static: **{_g(a['rate_gain_warmserve_over_static'])}x** (paper: up to 2.5x)",
         "",
-        f"p99 TTFT ondemand / warmserve, max over rates: **{a['max_p99_ttft_ratio']}** (paper: up to 50.8x); per rate: "
+        "p99 TTFT ondemand / warmserve at the rates where warmserve meets 99% SLO: "
+        f"max **{_g(a['p99_ttft_ratio_where_warmserve_meets_slo']['max'])}**, median "
+        f"{_g(a['p99_ttft_ratio_where_warmserve_meets_slo']['median'])}, min "
+        f"{_g(a['p99_ttft_ratio_where_warmserve_meets_slo']['min'])} (paper: up to 50.8x). Per rate (all rates): "
         + ", ".join(f"{k}: {v:.3g}" for k, v in a["p99_ttft_ratio_ondemand_over_warmserve"].items()),
         "",
     ]
@@ -261,7 +278,7 @@ def render(out: dict) -> str:
             "|---|---|",
         ]
         lines += [f"| {p} | {v['max_rate_rps']:g} |" for p, v in da["sustained_at_slo"].items()]
-        lines += ["", f"warmserve / static: **{da['rate_gain_warmserve_over_static']}**", ""]
+        lines += ["", f"warmserve / static: **{_g(da['rate_gain_warmserve_over_static'])}x**", ""]
         by: dict[float, list] = {}
         for r in d["results"]:
             by.setdefault(r["rate_rps"], []).append(r)

@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gpu_runtime import Engine, SamplingParams  # noqa: E402
+from gpu_runtime.engine import ops  # noqa: E402
 
 SHAPES = {
     "8b": dict(name="Llama-3-8B", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -131,6 +132,12 @@ def prefill_flops(cfg: dict, tokens: int) -> float:
     return layers * (2 * tokens * per_layer + attention) + 2 * cfg["vocab_size"] * h
 
 
+def kv_bytes_per_token(cfg: dict) -> int:
+    """bf16 K and V of one token across all layers."""
+    d = cfg.get("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
+    return cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * d * 2
+
+
 def bench_engine(path: str, cfg: dict, rng: torch.Generator) -> dict:
     t = time.perf_counter()
     blocks = CONCURRENCY * -(-(PROMPT_LEN + OUTPUT_LEN) // 16) + 256
@@ -157,6 +164,13 @@ def bench_engine(path: str, cfg: dict, rng: torch.Generator) -> dict:
     # The batch-1 graph alone (no scheduler, input copies or sampling): what the GPU spends per token.
     graph, _ = engine.runner.graphs[(engine.runner.kv_key, 1)]
     graph_ms = 1e3 * timed(graph.replay, 50)
+    # Same-run comparison: the batch-1 graph with cuBLAS GEMMs and separate norm / SiLU kernels (no GEMV).
+    gemv_ok, ops._gemv_ok = ops._gemv_ok, lambda x, w: False
+    engine.runner.graphs.clear()
+    engine.generate([prompt(32)], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    cublas_graph_ms = 1e3 * timed(engine.runner.graphs[(engine.runner.kv_key, 1)][0].replay, 50)
+    ops._gemv_ok = gemv_ok
+    engine.runner.graphs.clear()
 
     # 1024-token prefill: one step that prefills and samples one token
     def prefill() -> None:
@@ -165,6 +179,9 @@ def bench_engine(path: str, cfg: dict, rng: torch.Generator) -> dict:
             engine.step()
 
     prefill_ms = 1e3 * timed(prefill, 5)
+    engine.runner.use_cuda_graphs = False  # same-run comparison: eager prefill
+    eager_prefill_ms = 1e3 * timed(prefill, 5)
+    engine.runner.use_cuda_graphs = True
 
     # 64 concurrent requests
     prompts = [prompt(PROMPT_LEN) for _ in range(CONCURRENCY)]
@@ -177,7 +194,9 @@ def bench_engine(path: str, cfg: dict, rng: torch.Generator) -> dict:
     result = {
         "decode_b1_ms": decode_ms,
         "decode_b1_graph_only_ms": graph_ms,
+        "decode_b1_graph_only_cublas_ms": cublas_graph_ms,
         "prefill_1024_ms": prefill_ms,
+        "prefill_1024_eager_ms": eager_prefill_ms,
         "throughput_c64_tok_s": produced / elapsed,
         "c64_seconds": elapsed,
         "preemptions": engine.scheduler.num_preemptions,
@@ -258,6 +277,10 @@ def main() -> None:
             CONCURRENCY * prefill_flops(cfg, PROMPT_LEN) / flops + OUTPUT_LEN * r["decode_weight_bytes"] / bandwidth
         )
         r["throughput_c64_roofline_tok_s"] = CONCURRENCY * OUTPUT_LEN / bound_s
+        # The same bound with each decode step also reading every sequence's KV cache once (at 64 x 600 tokens
+        # this is a third of the 8B step's bytes).
+        kv_bytes = sum(CONCURRENCY * (PROMPT_LEN + i + 1) * kv_bytes_per_token(cfg) for i in range(OUTPUT_LEN))
+        r["throughput_c64_roofline_with_kv_tok_s"] = CONCURRENCY * OUTPUT_LEN / (bound_s + kv_bytes / bandwidth)
         if not args.skip_transformers:
             r |= bench_transformers(path, cfg, rng)
             free_gpu_memory()
@@ -267,6 +290,10 @@ def main() -> None:
         log(json.dumps(r, indent=1))
         shapes[key] = r
         shutil.rmtree(path, ignore_errors=True)
+        write(args.out, shapes, bandwidth, flops)  # after every shape: a later one may run out of time
+
+
+def write(out: str, shapes: dict, bandwidth: float, flops: float) -> None:
     main_shape = shapes.get("8b") or next(iter(shapes.values()))
     keys = ["shape", "decode_b1_ms", "decode_b1_roofline_ms", "prefill_1024_ms", "prefill_1024_roofline_ms",
             "throughput_c64_tok_s", "transformers_throughput_c64_tok_s"]  # fmt: skip
@@ -280,10 +307,10 @@ def main() -> None:
         "command": "PYTHONPATH=. python3 bench/engine.py " + " ".join(sys.argv[1:]),
         "shapes": shapes,
     }
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
         json.dump(result, f, indent=1)
-    log(f"wrote {args.out}")
+    log(f"wrote {out}")
 
 
 if __name__ == "__main__":

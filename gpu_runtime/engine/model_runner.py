@@ -3,6 +3,11 @@
 Decode graphs are captured lazily per padded batch size and keyed by the KV buffer's (address, size): weights
 live at fixed addresses for the life of the worker, so after ``detach_kv`` + ``attach_kv`` at the same address
 the captured graphs are valid again and are reused; a KV buffer at a new address gets its own graphs.
+
+A prefill of one fresh sequence (the first request on an idle worker: the TTFT case) replays a graph too,
+captured lazily per padded token count: a small model's prefill is otherwise bound by ~10 kernel launches per
+layer from Python. Padding tokens sit after the prompt, so causal attention keeps them out of the real rows, and
+their KV slots are -1 (not written).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from gpu_runtime.engine.scheduler import Batch
 log = logging.getLogger(__name__)
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+# Beyond 2048 tokens even a 1B model's prefill is GPU-bound, so larger prompts run eagerly.
+PREFILL_GRAPH_TOKENS = (64, 128, 256, 384, 512, 768, 1024, 1536, 2048)
 
 
 class ModelRunner:
@@ -45,6 +52,7 @@ class ModelRunner:
         self.use_cuda_graphs = use_cuda_graphs and device.type == "cuda"
         self.graph_sizes = [b for b in GRAPH_BATCH_SIZES if b < max_num_seqs] + [max_num_seqs]
         self.graphs: dict[tuple[tuple[int, int], int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.prefill_graphs: dict[tuple[tuple[int, int], int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if self.use_cuda_graphs:
             self._pool = torch.cuda.graph_pool_handle()
             n = max(self.graph_sizes)
@@ -52,6 +60,9 @@ class ModelRunner:
             # block, slot offset, context length] per sequence, and the block tables.
             self._header = torch.zeros(5, n, dtype=torch.long, device=device)
             self._tables = torch.zeros(n, self.max_blocks_per_seq, dtype=torch.long, device=device)
+            # Prefill graph inputs: rows of [input id, position, slot block, slot offset], and the sampled row.
+            self._prefill_in = torch.zeros(4, PREFILL_GRAPH_TOKENS[-1], dtype=torch.long, device=device)
+            self._prefill_last = torch.zeros(1, dtype=torch.long, device=device)
 
     # KV cache ------------------------------------------------------------------------------------------------
 
@@ -83,6 +94,23 @@ class ModelRunner:
         return [seq.block_table[p // bs] for p in range(start, end)], [p % bs for p in range(start, end)]
 
     def _prefill(self, batch: Batch) -> torch.Tensor:
+        c = batch.chunks[0]
+        n = c.end - c.start
+        tokens = next((t for t in PREFILL_GRAPH_TOKENS if t >= n), None) if self.use_cuda_graphs else None
+        if tokens is not None and len(batch.chunks) == 1 and c.start == 0:
+            graph, logits = self._prefill_graph(tokens)
+            blocks, offsets = self._slots(c.seq, 0, n)
+            pad = tokens - n
+            rows = [
+                c.seq.token_ids[:n] + [0] * pad,
+                list(range(n)) + [0] * pad,
+                blocks + [-1] * pad,
+                offsets + [0] * pad,
+            ]
+            self._prefill_in[:, :tokens].copy_(torch.tensor(rows), non_blocking=True)
+            self._prefill_last.fill_(n - 1)
+            graph.replay()
+            return logits if c.samples else logits[:0]
         ids, positions, blocks, offsets, seqs, last = [], [], [], [], [], []
         for c in batch.chunks:
             start = len(ids)
@@ -128,23 +156,39 @@ class ModelRunner:
     def _graph(self, bs: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         key = (self.kv_key, bs)
         if key not in self.graphs:
-            began = time.perf_counter()
             head = self._header[:, :bs]
             head[2].fill_(-1)  # the warm-up run must not write into live KV blocks
             head[4].zero_()
             meta = AttnMeta(False, head[2], head[3], block_tables=self._tables[:bs], context_lens=head[4])
-
-            def run() -> torch.Tensor:
-                return self.model.logits(self.model.forward(head[0], head[1], meta, self.kv_caches))
-
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                run()  # compiles Triton kernels and warms cuBLAS outside the capture
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                logits = run()
-            self.graphs[key] = (graph, logits)
-            log.info("captured decode CUDA graph for batch %d in %.0f ms", bs, 1e3 * (time.perf_counter() - began))
+            self.graphs[key] = self._capture(
+                lambda: self.model.logits(self.model.forward(head[0], head[1], meta, self.kv_caches)),
+                f"decode batch {bs}",
+            )
         return self.graphs[key]
+
+    def _prefill_graph(self, tokens: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        key = (self.kv_key, tokens)
+        if key not in self.prefill_graphs:
+            rows = self._prefill_in[:, :tokens]
+            rows[2].fill_(-1)  # the warm-up run must not write into live KV blocks
+            meta = AttnMeta(True, rows[2], rows[3], prefill=[PrefillSeq(0, tokens, 0, None)])
+            self.prefill_graphs[key] = self._capture(
+                lambda: self.model.logits(
+                    self.model.forward(rows[0], rows[1], meta, self.kv_caches)[self._prefill_last]
+                ),
+                f"prefill of {tokens} tokens",
+            )
+        return self.prefill_graphs[key]
+
+    def _capture(self, run, what: str) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        began = time.perf_counter()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            run()  # compiles Triton kernels and warms cuBLAS outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = run()
+        log.info("captured %s CUDA graph in %.0f ms", what, 1e3 * (time.perf_counter() - began))
+        return graph, out

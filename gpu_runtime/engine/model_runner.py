@@ -171,6 +171,7 @@ class ModelRunner:
         if key not in self.prefill_graphs:
             rows = self._prefill_in[:, :tokens]
             rows[2].fill_(-1)  # the warm-up run must not write into live KV blocks
+            self._prefill_last.zero_()  # nor index past this bucket's rows
             meta = AttnMeta(True, rows[2], rows[3], prefill=[PrefillSeq(0, tokens, 0, None)])
             self.prefill_graphs[key] = self._capture(
                 lambda: self.model.logits(

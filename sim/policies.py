@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import math
+from collections import deque
 
 import numpy as np
 
@@ -254,6 +255,7 @@ class WarmServe(Policy):
         method: str = "warmserve",
         tick_s: float = 2.0,
         lead_s: float = 60.0,
+        rate_window_s: float = 30.0,
     ):
         self.history = history  # (functions, windows) counts before the run, ending at the run's start
         self.window_s, self.tick_s = window_s, tick_s
@@ -263,9 +265,8 @@ class WarmServe(Policy):
         self._cur: dict[str, Prediction] = {}
         self._next: dict[str, Prediction] = {}
         self._window = None
-        self._last_arr: np.ndarray | None = None
-        self._last_t = 0.0
-        self._rps = None
+        self.rate_window_s = rate_window_s
+        self._arr_hist: deque[tuple[float, np.ndarray]] = deque()
         self._last_reactive: dict[int, float] = {}
         self.counters = {"plans": 0, "actions": 0, "skipped": 0}
 
@@ -347,13 +348,17 @@ class WarmServe(Policy):
                     kv_reserved_bytes=specs[name].kv_bytes if x.state is State.HOT else 0,
                 )
             )
+        # Recent arrival rate over the last `rate_window_s`: over one 2-s tick the Azure trace's bursts make it so
+        # noisy that HOT targets would ratchet up on every spike.
         arr = sim.arrived.copy()
-        if self._last_arr is not None and now > self._last_t:
-            self._rps = (arr - self._last_arr) / (now - self._last_t)
-        self._last_arr, self._last_t = arr, now
+        self._arr_hist.append((now, arr))
+        while len(self._arr_hist) > 1 and self._arr_hist[1][0] <= now - self.rate_window_s:
+            self._arr_hist.popleft()
+        t0, a0 = self._arr_hist[0]
+        rps = (arr - a0) / (now - t0) if now - t0 >= 1.0 else np.zeros(len(sim.fns))
         load = {
             fn.name: Load(
-                arrivals_rps=float(self._rps[f]) if self._rps is not None else 0.0,
+                arrivals_rps=float(rps[f]),
                 inflight=sum(x.load() for x in sim.instances(f)),
                 queued=len(sim.queue[f]),
             )
@@ -398,7 +403,7 @@ class WarmServe(Policy):
             )
         # The state a running warmer would be in at the start: its plan for the first window, in place.
         self._run_plan(sim, sim.now, initial=True)
-        self._last_arr = None
+        self._arr_hist.clear()
 
     def on_tick(self, sim: Sim, now: float) -> None:
         self._run_plan(sim, now)
@@ -406,7 +411,11 @@ class WarmServe(Policy):
     def on_pressure(self, sim: Sim, f: int, now: float) -> None:
         warm = [x for x in sim.instances(f) if x.state is State.WARM]
         if warm:  # fast path: a prewarmed copy, activated in milliseconds, on the least busy GPUs
-            sim.activate(min(warm, key=lambda x: (max(sim.n_busy[g] for g in x.gpus), x.iid)))
+            x = min(warm, key=lambda x: (max(sim.n_busy[g] for g in x.gpus), x.iid))
+            # On GPUs where other engines are busy a new copy adds little (they take turns) and slows them: there,
+            # activate only once requests actually queue, not merely because the running copies are busy.
+            if max(sim.n_busy[g] for g in x.gpus) == 0 or sim.queue[f]:
+                sim.activate(x)
             return
         if any(x.state is State.LOADING for x in sim.instances(f)):
             return

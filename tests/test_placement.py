@@ -119,3 +119,14 @@ def test_evicts_idle_copy_of_less_demanded_function_to_make_room():
     assert plan(after, preds, 0.0) == []
     # never the other way round: a less demanded function does not evict a busier one
     assert plan(after, {"low": Prediction(5.0, 6.0), "high": Prediction(6.0, 7.0)}, 0.0) == []
+
+
+def test_new_copy_goes_where_compute_is_spare():
+    # Engines sharing a GPU take turns: a copy next to a HOT function forecast to fill its GPU adds no capacity.
+    hot = [Instance("big", "w0", (0,), State.HOT, 0, 0, inflight=40), Instance("small", "w0", (1,), State.HOT, 0, 0)]
+    v = view(
+        [worker("w0", 2, cached=("big", "small", "x"), free=[40, 40])], [spec("big"), spec("small"), spec("x")], hot
+    )
+    preds = {"big": Prediction(7.5, 7.9), "small": Prediction(0.2, 0.4), "x": Prediction(1.0, 2.0)}
+    pre = [a for a in plan(v, preds, 0.0) if a.kind == "prewarm" and a.function == "x"]
+    assert [a.gpus for a in pre] == [(1,)]

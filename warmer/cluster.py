@@ -76,7 +76,7 @@ class FunctionSpec:
 class Load:
     """What the gateway and invoker see right now for one function."""
 
-    arrivals_rps: float = 0.0  # over the last few seconds
+    arrivals_rps: float = 0.0  # over the last ~30 s: a rate over one 2-s tick is burst noise the plan would chase
     inflight: int = 0
     queued: int = 0  # requests waiting for any instance
 

@@ -7,6 +7,8 @@ the workers and the warmer all read exactly this shape.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -20,6 +22,7 @@ ENGINES = ("builtin", "transformers")
 DTYPES = ("float32", "bfloat16", "float16")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 CACHE_PREFIX = "cache:"
+DEFAULT_MAX_MODEL_LEN = 2048  # or the model's own limit when smaller; every token of it reserves KV memory
 
 
 class SpecError(ValueError):
@@ -99,8 +102,8 @@ def _int(source: str, name: str, value: Any, minimum: int) -> int:
 
 
 def _number(source: str, name: str, value: Any, minimum: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise SpecError(source, name, f"must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise SpecError(source, name, f"must be a finite number, got {value!r}")
     if value < minimum:
         raise SpecError(source, name, f"must be >= {minimum}, got {value}")
     return float(value)
@@ -144,7 +147,17 @@ def parse_spec(raw: Any, source: str = "<spec>", base_dir: Path | None = None) -
     dtype = raw.get("dtype", "float32")
     if dtype not in DTYPES:
         raise SpecError(source, "dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    max_model_len = _int(source, "max_model_len", raw.get("max_model_len", 2048), 16)
+    try:
+        limit = json.loads((model / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError) as exc:
+        raise SpecError(source, "model", f"{model / 'config.json'} is not readable JSON: {exc}") from None
+    limit = limit if isinstance(limit, int) and limit > 0 else None
+    default_len = min(DEFAULT_MAX_MODEL_LEN, limit or DEFAULT_MAX_MODEL_LEN)
+    max_model_len = _int(source, "max_model_len", raw.get("max_model_len", default_len), 16)
+    if limit is not None and max_model_len > limit:
+        raise SpecError(
+            source, "max_model_len", f"{max_model_len} exceeds the model's max_position_embeddings ({limit})"
+        )
     sc = _section(source, raw, "scaling", {"min_instances", "max_instances", "keep_alive_s", "max_queue"})
     scaling = Scaling(
         min_instances=_int(source, "scaling.min_instances", sc.get("min_instances", 0), 0),

@@ -96,8 +96,9 @@ class Gateway:
             body = await self.body_json(request)
             spec = await self.spec(body.get("model"))
             name = spec.name
+            # tokenizing and chat templates are CPU work: keep them off the event loop that streams answers
             tok = await asyncio.to_thread(self.tokenizer, spec)
-            parsed = (parse_chat if chat else parse_completion)(body, spec, tok)
+            parsed = await asyncio.to_thread(parse_chat if chat else parse_completion, body, spec, tok)
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
             inv = Invocation(rid, spec.name, parsed.prompt_ids, parsed.sampling)
             try:

@@ -17,6 +17,7 @@ from gpu_runtime import Tokenizer
 from invoker.schemas import Sampling
 
 MAX_STOP_STRINGS = 4
+MIN_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ def _get(body: dict, name: str, kinds: tuple[type, ...], default: Any, what: str
     return value
 
 
-def _sampling(body: dict, prompt_len: int, spec: FunctionSpec, default_max: int) -> Sampling:
+def _sampling(body: dict, prompt_len: int, spec: FunctionSpec, default_max: int, vocab: int) -> Sampling:
     room = spec.max_model_len - prompt_len
     if room <= 0:
         raise ApiError(
@@ -64,17 +65,21 @@ def _sampling(body: dict, prompt_len: int, spec: FunctionSpec, default_max: int)
     temperature = float(_get(body, "temperature", (int, float), 1.0, "a number in [0, 2]"))
     if not 0 <= temperature <= 2:
         raise ApiError(400, f"'temperature' must be in [0, 2], got {temperature}", param="temperature")
+    if temperature < MIN_TEMPERATURE:  # dividing logits by ~0 overflows: such a temperature means greedy
+        temperature = 0.0
     top_p = float(_get(body, "top_p", (int, float), 1.0, "a number in (0, 1]"))
     if not 0 < top_p <= 1:
         raise ApiError(400, f"'top_p' must be in (0, 1], got {top_p}", param="top_p")
     top_k = _get(body, "top_k", (int,), 0, "a non-negative integer")
-    if top_k < 0:
-        raise ApiError(400, f"'top_k' must be >= 0, got {top_k}", param="top_k")
+    if not 0 <= top_k <= vocab:
+        raise ApiError(400, f"'top_k' must be in [0, {vocab}], got {top_k}", param="top_k")
     if _get(body, "n", (int,), 1, "1") != 1:
         raise ApiError(400, "only n=1 is supported", param="n")
     # A fixed seed makes a re-executed invocation (after a worker died) regenerate the same tokens.
     seed = _get(body, "seed", (int,), None, "an integer")
     seed = random.getrandbits(31) if seed is None else seed
+    if not 0 <= seed < 2**63:
+        raise ApiError(400, f"'seed' must be in [0, 2**63), got {seed}", param="seed")
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else (stop or [])
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
@@ -82,8 +87,8 @@ def _sampling(body: dict, prompt_len: int, spec: FunctionSpec, default_max: int)
     if len(stops) > MAX_STOP_STRINGS:
         raise ApiError(400, f"'stop' takes at most {MAX_STOP_STRINGS} strings", param="stop")
     stop_ids = _get(body, "stop_token_ids", (list,), [], "a list of token ids")
-    if not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
-        raise ApiError(400, "'stop_token_ids' must be a list of integers", param="stop_token_ids")
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in stop_ids):
+        raise ApiError(400, f"'stop_token_ids' must be token ids in [0, {vocab})", param="stop_token_ids")
     ignore_eos = _get(body, "ignore_eos", (bool,), False, "a boolean")
     return Sampling(max_tokens, temperature, top_p, top_k, seed, tuple(stop_ids), tuple(stops), ignore_eos)
 
@@ -117,7 +122,7 @@ def parse_completion(body: dict, spec: FunctionSpec, tok: Tokenizer) -> Parsed:
     else:
         raise ApiError(400, "'prompt' is required: a string or a list of token ids", param="prompt")
     stream, usage = _stream_flags(body)
-    return Parsed(ids, _sampling(body, len(ids), spec, 16), stream, usage)
+    return Parsed(ids, _sampling(body, len(ids), spec, 16, tok.vocab_size), stream, usage)
 
 
 def parse_chat(body: dict, spec: FunctionSpec, tok: Tokenizer) -> Parsed:
@@ -148,7 +153,7 @@ def parse_chat(body: dict, spec: FunctionSpec, tok: Tokenizer) -> Parsed:
         raise ApiError(400, f"the model's chat template rejected the messages: {exc}", param="messages") from None
     ids = tuple(tok.encode(text, add_special_tokens=False))
     stream, usage = _stream_flags(body)
-    return Parsed(ids, _sampling(body, len(ids), spec, 256), stream, usage)
+    return Parsed(ids, _sampling(body, len(ids), spec, 256, tok.vocab_size), stream, usage)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

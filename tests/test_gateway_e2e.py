@@ -92,6 +92,23 @@ def test_seeded_sampling_repeats(client):
     assert client.completions.create(**kw).choices[0].text == client.completions.create(**kw).choices[0].text
 
 
+def test_vanishing_temperature_is_greedy(deployed):
+    body = {"model": FN, "prompt": "Hello", "max_tokens": 8, "ignore_eos": True}
+    greedy = httpx.post(f"{deployed.url}/v1/completions", json={**body, "temperature": 0}, timeout=60)
+    tiny = httpx.post(f"{deployed.url}/v1/completions", json={**body, "temperature": 1e-40}, timeout=60)
+    assert tiny.status_code == 200, tiny.text
+    assert tiny.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
+
+
+def test_malformed_stream_entry_is_dropped_not_stuck(deployed):
+    r = redis.Redis.from_url(deployed.redis_url)
+    r.xadd(keys.invocations(FN), {"inv": b"not json"})
+    body = {"model": FN, "prompt": "Hello", "max_tokens": 3, "temperature": 0}
+    assert httpx.post(f"{deployed.url}/v1/completions", json=body, timeout=60).status_code == 200
+    assert r.xlen(keys.invocations(FN)) == 0
+    assert r.xpending(keys.invocations(FN), keys.GROUP)["pending"] == 0
+
+
 def test_stop_string_ends_the_answer(deployed):
     body = {"model": FN, "prompt": "Hello", "max_tokens": 20, "temperature": 0, "ignore_eos": True}
     full = httpx.post(f"{deployed.url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
@@ -120,6 +137,9 @@ def test_stop_string_ends_the_answer(deployed):
         ({"model": FN, "prompt": "hi", "stream": "yes"}, 400, "stream"),
         ({"model": FN, "prompt": "hi", "max_tokens": 500}, 400, "max_tokens"),
         ({"model": FN, "prompt": "word " * 400}, 400, "prompt"),
+        ({"model": FN, "prompt": "hi", "seed": 2**70}, 400, "seed"),
+        ({"model": FN, "prompt": "hi", "top_k": 10**9}, 400, "top_k"),
+        ({"model": FN, "prompt": "hi", "stop_token_ids": [10**9]}, 400, "stop_token_ids"),
     ],
 )
 def test_bad_completion_requests(deployed, body, status, param):

@@ -44,7 +44,10 @@ def test_round_trip_json(tiny_model):
         ("name: a\nmodel: {model}\nscaling: {{max_instances: 0}}", "scaling.max_instances", "must be >= 1"),
         ("name: a\nmodel: {model}\nscaling: {{min_instances: 3}}", "scaling.min_instances", "must not exceed"),
         ("name: a\nmodel: {model}\nscaling: {{keepalive: 3}}", "scaling.keepalive", "unknown field"),
-        ("name: a\nmodel: {model}\nslo: {{ttft_ms: fast}}", "slo.ttft_ms", "must be a number"),
+        ("name: a\nmodel: {model}\nslo: {{ttft_ms: fast}}", "slo.ttft_ms", "must be a finite number"),
+        ("name: a\nmodel: {model}\nslo: {{ttft_ms: .inf}}", "slo.ttft_ms", "must be a finite number"),
+        ("name: a\nmodel: {model}\nscaling: {{keep_alive_s: .nan}}", "scaling.keep_alive_s", "must be a finite"),
+        ("name: a\nmodel: {model}\nmax_model_len: 4096", "max_model_len", "exceeds the model's max_position"),
         ("name: a\nmodel: {model}\ngpus: 2", "gpus", "unknown field"),
     ],
 )
@@ -54,6 +57,10 @@ def test_bad_specs_name_field_and_reason(tiny_model, text, field, reason):
     assert err.value.field == field
     assert reason in err.value.reason
     assert str(err.value).startswith("f.yaml: field")
+
+
+def test_max_model_len_defaults_to_the_model_limit(tiny_model):
+    assert parse_yaml(f"name: a\nmodel: {tiny_model}").max_model_len == 1024  # the tiny model's limit
 
 
 def test_model_dir_without_weights(tmp_path):

@@ -50,6 +50,27 @@ def test_client_disconnect_cancels_generation(stack, tmp_path):
     assert time.monotonic() - t0 < 60
 
 
+def test_removing_a_function_mid_answer_ends_the_stream_with_an_error(stack):
+    body = {"model": FN, "prompt": "Hello", "max_tokens": 1000, "ignore_eos": True, "temperature": 0, "stream": True}
+    chunks = []
+    with httpx.stream("POST", f"{stack.url}/v1/completions", json=body, timeout=60) as resp:
+        for n, line in enumerate(resp.iter_lines()):
+            if n == 4:
+                assert httpx.delete(f"{stack.url}/functions/{FN}").status_code == 200
+            if line.startswith("data: "):
+                chunks.append(line)
+    assert chunks[-1] == "data: [DONE]"
+    assert "was removed while this request ran" in chunks[-2]
+    wait_for(
+        lambda: (
+            FN not in httpx.get(f"{stack.url}/status").json()["workers"][0]["models"]
+            or httpx.get(f"{stack.url}/status").json()["workers"][0]["models"][FN] == "COLD"
+        ),
+        20,
+        "model retired",
+    )
+
+
 def test_sigterm_deregisters_the_worker(stack):
     r = redis.Redis.from_url(stack.redis_url)
     ((wid, proc),) = stack.workers.items()

@@ -45,3 +45,9 @@ def read_counts(
     if expired:
         r.hdel(keys.history(function), *expired)
     return counts
+
+
+def last_bucket_rate(r: redis.Redis, function: str, now: float, bucket_s: int = keys.HISTORY_BUCKET_S) -> float:
+    """Arrivals per second in the last complete bucket (one HGET: cheap enough for every planning round)."""
+    count = r.hget(keys.history(function), bucket_of(now, bucket_s) - bucket_s)
+    return int(count or 0) / bucket_s

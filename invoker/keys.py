@@ -1,6 +1,6 @@
 """Every Redis key WarmServe writes, in one place.
 
-The README's key table is generated from the same names; each entry says which `redis-cli` command inspects it.
+The README's key table lists the same names; each entry here says which `redis-cli` command inspects it.
 All keys share the `ws:` prefix so one deployment's data is easy to find (`redis-cli --scan --pattern 'ws:*'`).
 """
 

@@ -38,7 +38,11 @@ def test_min_instances_get_prewarmed_once_even_across_restarts(r, tiny_model):
     target = sent[0].worker
     assert {a.worker for a in sent} == {target}
     assert jobs(r, target) == [("load_host", "always"), ("prewarm", "always")]
-    assert Warmer(r).step() == []  # a restarted warmer sees the job already on its way
+    r.delete(keys.WARMER_STATE)  # even without its memory of what it sent, a restarted warmer
+    assert Warmer(r).step() == []  # sees the jobs still queued on the worker
+    Queue(keys.control_queue(target), connection=r).empty()  # the worker took the jobs and is loading
+    report(r, target, {"always": "LOADING"})
+    assert Warmer(r).step() == []  # a copy on its way: no second prewarm on the other worker
     report(r, target, {"always": "WARM"})
     assert Warmer(r).step() == []  # WARM satisfies min_instances with no demand
 
@@ -55,6 +59,9 @@ def test_forecast_demand_activates_and_idle_scales_down(r, tiny_model):
     report(r, "wa", {"busy": "WARM"})
     assert [(a.kind, a.worker) for a in Warmer(r).step(now)] == [("activate", "wa")]
     r.delete(keys.history("busy"), keys.WARMER_STATE)
+    Queue(keys.control_queue("wa"), connection=r).empty()  # the worker ran the activation
     report(r, "wa", {"busy": "HOT"}, last_used=now - 120)  # idle past keep-alive, no demand left
-    kinds = [a.kind for a in Warmer(r).step(now)]
-    assert kinds and kinds[0] == "deactivate"
+    sent = Warmer(r).step(now)
+    # scale to zero: the KV pages go first, then the weights leave the GPU (kept in host memory)
+    assert [(a.kind, a.function, a.worker) for a in sent] == [("deactivate", "busy", "wa"), ("evict", "busy", "wa")]
+    assert jobs(r, "wa") == [("deactivate", "busy"), ("evict", "busy")]

@@ -2,8 +2,9 @@
 
 The planner (`warmer.placement.plan`) is the same pure function the simulator runs. This loop only translates:
 Redis -> `ClusterView`, forecasts from the gateway's arrival history, and `Action`s -> RQ control jobs.
-Sent actions are remembered in Redis (ws:warmer) with their time, so a restarted warmer does not resend what is
-already on its way, and sending the same action twice is harmless anyway (every transition is idempotent).
+Everything already on its way is part of the view: jobs still waiting in a worker's queue are applied to it, and
+a worker reports a model LOADING while it moves it. So planning again (or a restarted warmer) sends nothing twice;
+an action that keeps failing is retried once a minute (ws:warmer remembers when each was sent).
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from pathlib import Path
 
 import orjson
 import redis
+from rq import Queue
 
 from functions.spec import FunctionSpec
 from invoker import history, keys
 from invoker.registry import Registry
 from invoker.schemas import WorkerInfo
 from invoker.serving import kv_bytes_for
-from invoker.states import HOST, HOT, WARM
+from invoker.states import HOST, HOT, LOADING, WARM
 from invoker.submit import live_workers_sync, send_control
 from warmer import cluster
 from warmer.forecast import DEFAULT_METHOD, Prediction, make_forecaster
@@ -52,24 +54,48 @@ def to_function(spec: FunctionSpec) -> cluster.FunctionSpec:
 
 
 def to_view(
-    workers: list[WorkerInfo], specs: dict[str, FunctionSpec], loads: dict[str, cluster.Load]
+    workers: list[WorkerInfo], functions: dict[str, cluster.FunctionSpec], loads: dict[str, cluster.Load]
 ) -> cluster.ClusterView:
-    """One live worker process is one device, so each becomes a cluster worker with a single GPU (index 0)."""
+    """One live worker process is one device, so each becomes a cluster worker with a single GPU (index 0).
+    A model a worker reports LOADING is a copy on its way; a HOT one lends the KV it reserved but does not use."""
     ws, insts = [], []
     for w in workers:
         gpu = cluster.GPU(0, w.total_bytes, w.free_bytes, w.lendable_kv_bytes)
         cached = frozenset(fn for fn, s in w.models.items() if s == HOST)
         ws.append(cluster.Worker(w.worker_id, (gpu,), host_cached=cached))
         for fn, state in w.models.items():
-            if state in (WARM, HOT) and fn in specs:
-                used = w.last_used.get(fn, w.started)
-                insts.append(
-                    cluster.Instance(
-                        fn, w.worker_id, (0,), cluster.State(state), w.started, used, w.inflight.get(fn, 0)
-                    )
+            if state not in (LOADING, WARM, HOT) or fn not in functions:
+                continue
+            reserved = functions[fn].kv_bytes if state == HOT else 0
+            used = w.last_used.get(fn, w.started)
+            insts.append(
+                cluster.Instance(
+                    fn, w.worker_id, (0,), cluster.State(state), w.started, used, w.inflight.get(fn, 0),
+                    kv_reserved_bytes=reserved,
                 )
-    functions = {name: to_function(spec) for name, spec in specs.items()}
+            )  # fmt: skip
     return cluster.ClusterView(tuple(ws), functions, tuple(insts), loads)
+
+
+def queued_actions(r: redis.Redis, workers: list[WorkerInfo]) -> list[cluster.Action]:
+    """Control jobs sent but not yet started: part of the cluster's future, so planning must not repeat them."""
+    out = []
+    for w in workers:
+        for job in Queue(keys.control_queue(w.worker_id), connection=r).get_jobs():
+            kind, fn = job.args
+            out.append(cluster.Action(kind, fn, w.worker_id, () if kind == "load_host" else (0,)))
+    return out
+
+
+def with_pending(view: cluster.ClusterView, pending: list[cluster.Action], now: float) -> cluster.ClusterView:
+    for a in pending:
+        if a.function not in view.functions:
+            continue
+        try:
+            view = cluster.apply_actions(view, [a], now)
+        except ValueError:
+            continue  # already reflected in what the worker reports (or made moot by a later step)
+    return view
 
 
 class Warmer:
@@ -91,13 +117,12 @@ class Warmer:
             self.predicted_window = window
         return self.predictions
 
-    def loads(self, specs: dict[str, FunctionSpec], workers: list[WorkerInfo], now: float) -> dict[str, cluster.Load]:
+    def loads(self, names: list[str], workers: list[WorkerInfo], now: float) -> dict[str, cluster.Load]:
         out = {}
-        for fn in specs:
-            last_minute = history.read_counts(self.r, fn, now + keys.HISTORY_BUCKET_S, keys.HISTORY_BUCKET_S, 1)
+        for fn in names:
             inflight = sum(w.inflight.get(fn, 0) for w in workers)
             depth = int(self.r.xlen(keys.invocations(fn)))
-            out[fn] = cluster.Load(float(last_minute[0]) / keys.HISTORY_BUCKET_S, inflight, max(0, depth - inflight))
+            out[fn] = cluster.Load(history.last_bucket_rate(self.r, fn, now), inflight, max(0, depth - inflight))
         return out
 
     def step(self, now: float | None = None) -> list[cluster.Action]:
@@ -107,7 +132,11 @@ class Warmer:
         workers = live_workers_sync(self.r)
         if not workers or not specs:
             return []
-        view = to_view(workers, specs, self.loads(specs, workers, now))
+        # The reference engine has no memory pool to prewarm into: the router loads it on demand.
+        specs = {name: spec for name, spec in specs.items() if spec.engine != "transformers"}
+        functions = {name: to_function(spec) for name, spec in specs.items()}
+        view = to_view(workers, functions, self.loads(list(specs), workers, now))
+        view = with_pending(view, queued_actions(self.r, workers), now)
         sent = {k.decode(): float(v) for k, v in self.r.hgetall(keys.WARMER_STATE).items() if k != b"last_plan"}
         stale = [tag for tag, at in sent.items() if now - at > 10 * RESEND_AFTER_S]
         if stale:
@@ -116,7 +145,7 @@ class Warmer:
         for a in plan(view, self.forecast(specs, now), now):
             tag = f"{a.kind}:{a.function}:{a.worker}"
             if now - sent.get(tag, 0.0) < RESEND_AFTER_S:
-                continue  # already on its way (possibly sent before a restart)
+                continue  # sent a moment ago and failed already: retry once a minute, not every round
             send_control(self.r, a.worker, a.kind, a.function)
             self.r.hset(keys.WARMER_STATE, tag, now)
             log.info("warmer: %s %s on %s", a.kind, a.function, a.worker)

@@ -107,7 +107,7 @@ class Gateway:
                 raise ApiError(429, str(exc), code="queue_full", retry_after=exc.retry_after_s) from None
             except NoWorkers as exc:
                 raise ApiError(503, str(exc), code="no_workers", retry_after=5) from None
-            events = self.invoker.events(spec, rid, self.request_timeout_s)
+            events = self.invoker.events(spec, rid, self.request_timeout_s, restartable=not parsed.stream)
             if parsed.stream:
                 return await self.stream(spec, rid, parsed, events, chat)
             return await self.collect(spec, rid, parsed, events, chat)
@@ -125,6 +125,9 @@ class Gateway:
                     self.metrics.first_token(spec.name, time.monotonic() - t0)
                 n += ev["id"] >= 0
                 parts.append(ev["text"])
+            elif ev["type"] == "restart":  # re-delivered after a worker died: its answer replaces the partial one
+                parts.clear()
+                n = 0
             elif ev["type"] == "error":
                 raise ApiError(ev["status"], ev["message"])
             elif ev["type"] == "done":

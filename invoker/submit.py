@@ -93,14 +93,17 @@ class InvokerClient:
             log.info("routing cold function %s to worker %s (activate)", spec.name, w.worker_id)
             await asyncio.to_thread(send_control, self.sync_redis, w.worker_id, "activate", spec.name)
 
-    async def events(self, spec: FunctionSpec, request_id: str, timeout_s: float) -> AsyncIterator[dict[str, Any]]:
+    async def events(
+        self, spec: FunctionSpec, request_id: str, timeout_s: float, restartable: bool = False
+    ) -> AsyncIterator[dict[str, Any]]:
         """Yield the request's events in order, each token position once, ending with 'done' or 'error'.
 
-        A re-delivered invocation starts again at position 0 on another worker; positions already passed to the
-        client are skipped, so the client sees one complete answer.
+        A re-delivered invocation starts again at position 0 on another worker. When nothing has reached the
+        client yet (`restartable`: a non-streamed answer), the re-run replaces the partial answer: a 'restart'
+        event says so. Otherwise positions already sent are skipped, and the client sees one complete answer.
         """
         key = keys.response(request_id)
-        last_id, next_pos = "0", 0
+        last_id, next_pos, starts = "0", 0, 0
         start = last_event = time.monotonic()
         try:
             while True:
@@ -122,7 +125,12 @@ class InvokerClient:
                 for entry_id, fields in got[0][1]:
                     last_id = entry_id
                     ev = parse_event(fields)
-                    if ev["type"] == "token":
+                    if ev["type"] == "start":
+                        starts += 1
+                        if starts > 1 and restartable:
+                            next_pos = 0
+                            yield {"type": "restart", "worker": ev.get("worker")}
+                    elif ev["type"] == "token":
                         if ev["pos"] != next_pos:
                             continue  # a re-execution replaying positions the client already has
                         next_pos += 1

@@ -148,7 +148,7 @@ def start_stack(redis_url: str, logs: Path, workers: int = 1) -> Stack:
             "--port",
             str(port),
             "--request-timeout",
-            "60",
+            "120",
         ],
         stdout=gw_log,
         stderr=subprocess.STDOUT,

@@ -87,3 +87,60 @@ def test_sigkilled_worker_answer_is_redelivered_once(redis_url, slow_model, tmp_
         assert r.xpending(keys.invocations(FN), keys.GROUP)["pending"] == 0
     finally:
         stack.stop()
+
+
+def test_sigkilled_worker_non_streamed_answer_is_replaced_whole(redis_url, slow_model, tmp_path):
+    import threading
+
+    url = redis_url.rsplit("/", 1)[0] + "/6"
+    r = redis.Redis.from_url(url)
+    r.flushdb()
+    stack = start_stack(url, tmp_path, workers=2)
+    try:
+        spec = {
+            "name": FN,
+            "model": str(slow_model),
+            "max_model_len": 512,
+            "scaling": {"min_instances": 2, "max_instances": 2},
+        }
+        assert httpx.post(f"{stack.url}/functions", json=spec).status_code == 201
+        body = {"model": FN, "prompt": "Hello", "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
+        baseline = httpx.post(f"{stack.url}/v1/completions", json=body, timeout=120).json()
+        wait_for(
+            lambda: (
+                len(
+                    [
+                        w
+                        for w in httpx.get(f"{stack.url}/status").json()["workers"]
+                        if w["models"].get(FN) in ("WARM", "HOT")
+                    ]
+                )
+                == 2
+            ),
+            60,
+            "both workers hosting",
+        )
+        result = {}
+        t = threading.Thread(
+            target=lambda: result.update(httpx.post(f"{stack.url}/v1/completions", json=body, timeout=120).json())
+        )
+        t.start()
+        owner = None
+
+        def claimed():
+            nonlocal owner
+            pending = r.xpending(keys.invocations(FN), keys.GROUP)
+            owners = [c["name"].decode() for c in pending["consumers"] if c["pending"]]
+            owner = owners[0] if owners else None
+            return owner is not None
+
+        wait_for(claimed, 30, "a worker to claim the request")
+        time.sleep(0.2)  # let it generate part of the answer
+        os.kill(stack.workers[owner].pid, signal.SIGKILL)
+        t.join(120)
+        assert result["choices"][0]["text"] == baseline["choices"][0]["text"]
+        assert result["usage"]["completion_tokens"] == MAX_TOKENS
+        (survivor,) = set(stack.workers) - {owner}
+        assert "re-delivering" in (tmp_path / f"{survivor}.log").read_text()
+    finally:
+        stack.stop()

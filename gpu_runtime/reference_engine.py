@@ -6,22 +6,13 @@ yardstick the builtin engine is checked against, and a fallback for architecture
 
 from __future__ import annotations
 
-import json
 import threading
-from pathlib import Path
 
 import torch
 
 from gpu_runtime.engine.sampler import sample
 from gpu_runtime.engine.sequence import SamplingParams, Sequence, StepOutput
-
-
-def eos_ids(model_dir: str) -> set[int]:
-    path = Path(model_dir) / "generation_config.json"
-    if not path.is_file():
-        path = Path(model_dir) / "config.json"
-    eos = json.loads(path.read_text()).get("eos_token_id")
-    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+from gpu_runtime.tokenizer import Tokenizer
 
 
 class ReferenceEngine:
@@ -31,13 +22,20 @@ class ReferenceEngine:
         self.device = torch.device(device)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(self.device)
         self.model.eval()
-        self.eos_token_ids = eos_ids(model_dir)
+        self.eos_token_ids = set(Tokenizer.from_pretrained(model_dir).eos_token_ids)
+        self.max_len = self.model.config.max_position_embeddings
         self._lock = threading.Lock()
         self._new: list[Sequence] = []
         self._aborted: set[str] = set()
         self._active: dict[str, tuple[Sequence, object]] = {}
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request; ValueError (the worker answers 400) if it can't run, so it never poisons a step."""
+        vocab = self.model.config.vocab_size
+        if not prompt_ids or min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise ValueError(f"request {request_id}: prompt must be token ids in [0, {vocab})")
+        if len(prompt_ids) + params.max_tokens > self.max_len:
+            raise ValueError(f"request {request_id}: prompt + max_tokens exceed the model's {self.max_len} positions")
         with self._lock:
             self._new.append(Sequence(request_id, prompt_ids, params))
 

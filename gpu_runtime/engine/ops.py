@@ -4,10 +4,6 @@ On CPU they are plain torch ops in transformers' order. On CUDA each is ONE Trit
 step is ~35 tiny kernels per layer in torch, and their launch gaps (even inside a CUDA graph) cost as much as
 reading the weights. The kernels round to the activation dtype at the same points torch does (each torch op
 rounds its result), so CUDA results stay close to transformers'.
-
-At one row (batch-1 decode) the norm and SiLU-mul are folded into a Triton GEMV that reads the weight once:
-cuBLAS's batch-1 GEMM leaves bandwidth unused on the 4-70 MB matrices of small models, and every kernel saved is
-a launch gap saved inside the decode graph.
 """
 
 from __future__ import annotations
@@ -108,109 +104,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _gemv_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return _fused(x) and x.shape[0] == 1 and weight.stride(1) == 1
-
-
-def norm_linear(
-    x: torch.Tensor,
-    residual: torch.Tensor | None,
-    norm: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(linear(rms_norm(x + residual), weight, bias), x + residual): the norm before QKV and before gate-up."""
-    if not _gemv_ok(x, weight):
-        x, residual = add_rms_norm(x, residual, norm, eps)
-        return F.linear(x, weight, bias), residual
-    res_out = torch.empty_like(x) if residual is not None else x
-    out = _gemv(x, weight, bias, residual, norm, res_out, eps, prologue=1)
-    return out, res_out
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear; the O projection's GEMV at one row."""
-    return _gemv(x, weight, prologue=0) if _gemv_ok(x, weight) else F.linear(x, weight)
-
-
-def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """linear(silu(gate) * up, weight): the down projection."""
-    if not _gemv_ok(gate_up, weight):
-        return F.linear(silu_and_mul(gate_up), weight)
-    return _gemv(gate_up, weight, prologue=2)
-
-
-def _gemv(x, weight, bias=None, residual=None, norm=None, res_out=None, eps=0.0, prologue=0) -> torch.Tensor:
-    n, k = weight.shape
-    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    # Every resident program keeps a [BLOCK_N, BLOCK_K] weight tile in flight: n * BLOCK_K * 2 bytes in all,
-    # enough to cover HBM latency for n >= 2048. Wider rows per program for tall matrices amortise re-reading
-    # (and, for the norm prologue, re-normalising) x from L2.
-    block_n = 4 if n <= 8192 else 8
-    block_k = min(1024, triton.next_power_of_2(k))
-    _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, residual if residual is not None else x, norm if norm is not None else x, weight,
-        bias if bias is not None else x, out, res_out if res_out is not None else x, eps, n, weight.stride(0),
-        K=k, PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=block_n,
-    )  # fmt: skip
-    return out
-
-
 if triton is not None:
-
-    @triton.jit
-    def _gemv_kernel(
-        X, R, NW, W, B, OUT, RES_OUT, eps, N, stride_w,
-        K: tl.constexpr, PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):  # fmt: skip
-        # out[n] = sum_k W[n, k] * x[k] for BLOCK_N rows per program, x transformed on the fly:
-        # PROLOGUE 0: x as is; 1: rms_norm(x + residual) (program 0 also writes x + residual);
-        # 2: silu(x[:K]) * x[K:] (the fused gate-up output). Roundings match add_rms_norm / silu_and_mul.
-        pid = tl.program_id(0)
-        dtype = OUT.dtype.element_ty
-        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        rmask = rows < N
-        kk = tl.arange(0, BLOCK_K)
-        inv = 1.0
-        if PROLOGUE == 1:
-            sq = tl.zeros([BLOCK_K], tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                x = _residual_sum(X, R, k0 + kk, k0 + kk < K, HAS_RESIDUAL).to(tl.float32)
-                sq += x * x
-            inv = tl.rsqrt(tl.sum(sq, 0) / K + eps)
-        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + kk
-            kmask = k < K
-            if PROLOGUE == 1:
-                x = _residual_sum(X, R, k, kmask, HAS_RESIDUAL)
-                if HAS_RESIDUAL:
-                    tl.store(RES_OUT + k, x, mask=kmask & (pid == 0))
-                w_norm = tl.load(NW + k, mask=kmask, other=0.0).to(tl.float32)
-                x = ((x.to(tl.float32) * inv).to(dtype).to(tl.float32) * w_norm).to(dtype)
-            elif PROLOGUE == 2:
-                g = tl.load(X + k, mask=kmask, other=0.0).to(tl.float32)
-                u = tl.load(X + K + k, mask=kmask, other=0.0).to(tl.float32)
-                x = ((g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32) * u).to(dtype)
-            else:
-                x = tl.load(X + k, mask=kmask, other=0.0)
-            w = tl.load(W + rows[:, None].to(tl.int64) * stride_w + k[None, :],
-                        mask=rmask[:, None] & kmask[None, :], other=0.0)  # fmt: skip
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-        y = tl.sum(acc, 1)
-        if HAS_BIAS:
-            y += tl.load(B + rows, mask=rmask, other=0.0).to(tl.float32)
-        tl.store(OUT + rows, y.to(dtype), mask=rmask)
-
-    @triton.jit
-    def _residual_sum(X, R, k, kmask, HAS_RESIDUAL: tl.constexpr):
-        x = tl.load(X + k, mask=kmask, other=0.0)
-        if HAS_RESIDUAL:
-            x = (x.to(tl.float32) + tl.load(R + k, mask=kmask, other=0.0).to(tl.float32)).to(X.dtype.element_ty)
-        return x
 
     @triton.jit
     def _add_rms_norm_kernel(X, R, W, OUT, RES_OUT, eps, N: tl.constexpr, BLOCK: tl.constexpr,

@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gpu_runtime import Engine, SamplingParams  # noqa: E402
+from gpu_runtime.engine import ops  # noqa: E402
 
 SHAPES = {
     "8b": dict(name="Llama-3-8B", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -163,6 +164,13 @@ def bench_engine(path: str, cfg: dict, rng: torch.Generator) -> dict:
     # The batch-1 graph alone (no scheduler, input copies or sampling): what the GPU spends per token.
     graph, _ = engine.runner.graphs[(engine.runner.kv_key, 1)]
     graph_ms = 1e3 * timed(graph.replay, 50)
+    # Same-run comparison: the batch-1 graph with cuBLAS for the projections instead of the Triton GEMV.
+    gemv_ok, ops._gemv_ok = ops._gemv_ok, lambda x, w: False
+    engine.runner.graphs.clear()
+    engine.generate([prompt(32)], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    cublas_graph_ms = 1e3 * timed(engine.runner.graphs[(engine.runner.kv_key, 1)][0].replay, 50)
+    ops._gemv_ok = gemv_ok
+    engine.runner.graphs.clear()
 
     # 1024-token prefill: one step that prefills and samples one token
     def prefill() -> None:
@@ -186,6 +194,7 @@ def bench_engine(path: str, cfg: dict, rng: torch.Generator) -> dict:
     result = {
         "decode_b1_ms": decode_ms,
         "decode_b1_graph_only_ms": graph_ms,
+        "decode_b1_graph_only_cublas_ms": cublas_graph_ms,
         "prefill_1024_ms": prefill_ms,
         "prefill_1024_eager_ms": eager_prefill_ms,
         "throughput_c64_tok_s": produced / elapsed,

@@ -120,8 +120,8 @@ def check_model(arch: str, tmp: str) -> dict:
     token_match = sum(
         int(ref[j].argmax()) == t for ref, o in zip(hf_logits, outs, strict=True) for j, t in enumerate(o.token_ids)
     )
-    # One prompt at a time: the single-sequence prefill graph and the batch-1 decode graph (the batched run
-    # above prefills eagerly and decodes at batch 4).
+    # One prompt at a time: the single-sequence prefill graph and the batch-1 decode graph with its Triton GEMVs
+    # (the batched run above prefills eagerly and decodes at batch 4).
     alone = [record(engine, [p]) for p in prompts]
     alone_errs = errors({"fp32": hf32}, prompts, [o[0] for o, _ in alone], [lg[0] for _, lg in alone])["fp32"]
     # Graph reuse across detach/attach at the same address.
@@ -187,6 +187,8 @@ def check_ops() -> dict:
     emb = torch.cat((freqs, freqs), dim=-1)  # rotary tables repeat their first half
     cos, sin = emb.cos().to(dt), emb.sin().to(dt)
     qn, kn = torch.randn(d, dtype=dt, device=dev), torch.randn(d, dtype=dt, device=dev)
+    w_qkv, b_qkv = torch.randn(6144, 4096, dtype=dt, device=dev) * 0.02, torch.randn(6144, dtype=dt, device=dev)
+    w_down = torch.randn(4096, 14336, dtype=dt, device=dev) * 0.02
     results = []
     for fused in (False, True):
         ops._fused = lambda t, fused=fused: fused
@@ -196,8 +198,10 @@ def check_ops() -> dict:
         meta = AttnMeta(True, slot // 16, slot % 16)
         q, k, _ = ops.qkv_rope_store(qkv, pos, cos, sin, (h, kvh, d), (qn, kn), 1e-6, kc, vc, meta)
         results.append([*ops.add_rms_norm(x, r, w, 1e-5), ops.silu_and_mul(gu), q, k, kc, vc])
+        # batch-1 projections: Triton GEMV when fused, cuBLAS otherwise
+        results[-1] += [ops.linear(x[:1], w_qkv, b_qkv), ops.linear(gu[:1, :14336], w_down)]
     ops._fused = lambda t: t.is_cuda and ops.triton is not None
-    names = ["rms_norm", "residual", "silu_mul", "rope_q", "rope_k", "k_cache", "v_cache"]
+    names = ["rms_norm", "residual", "silu_mul", "rope_q", "rope_k", "k_cache", "v_cache", "gemv_bias", "gemv"]
     out = {
         n: {"exact_fraction": float((a == b).float().mean()), "rel_err": rel_err(b, a)}
         for n, a, b in zip(names, *results, strict=True)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from gpu_runtime.engine.attention import AttnMeta, decode_attention, prefill_attention
 from gpu_runtime.engine.config import ModelConfig
-from gpu_runtime.engine.ops import add_rms_norm, qkv_rope_store, silu_and_mul
+from gpu_runtime.engine.ops import add_rms_norm, linear, qkv_rope_store, silu_and_mul
 from gpu_runtime.weights import WeightLayout
 
 
@@ -94,16 +94,16 @@ class LlamaModel:
         residual = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
             x, residual = add_rms_norm(h, residual, layer.input_norm, eps)
-            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            qkv = linear(x, layer.qkv, layer.qkv_bias)
             qk_norm = (layer.q_norm, layer.k_norm) if cfg.qk_norm else None
             q, k, v = qkv_rope_store(qkv, positions, self.cos, self.sin, heads, qk_norm, eps, k_cache, v_cache, meta)
             if meta.is_prefill:
                 o = prefill_attention(q, k, v, k_cache, v_cache, meta)
             else:
                 o = decode_attention(q, k_cache, v_cache, meta)
-            h = F.linear(o.flatten(1), layer.o)
+            h = linear(o.flatten(1), layer.o)
             x, residual = add_rms_norm(h, residual, layer.post_norm, eps)
-            h = F.linear(silu_and_mul(F.linear(x, layer.gate_up)), layer.down)
+            h = linear(silu_and_mul(linear(x, layer.gate_up)), layer.down)
         return add_rms_norm(h, residual, self.norm, eps)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -73,7 +73,8 @@ def build(total_rps: float, seed: int = 0, duration_s: float = 3600.0, profile_p
     wl = traces.arrivals(bases, tr, tuple(names), start_s, duration_s, seed + 1)
     hist = traces.window_counts(bases, tr, start_s, window_s, seed + 2)
     fns = make_functions(profile, models, names, float(wl.prompt.mean()), float(wl.output.mean()), keep_alive_s=60.0)
-    return Scenario(profile, fns, wl, n_nodes, gpus_per_node, hist, window_s=window_s)
+    warmup = min(120.0, duration_s / 10)  # short runs still measure most of their requests
+    return Scenario(profile, fns, wl, n_nodes, gpus_per_node, hist, window_s=window_s, warmup_s=warmup)
 
 
 def sweep(rates: list[float], seed: int, duration_s: float, policies=POLICIES, out_dir: Path | None = None) -> dict:

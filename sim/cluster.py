@@ -412,11 +412,11 @@ class Sim:
             cache[f] = ready
             self.host_used[node] += nbytes
 
-    def activate(self, x: Inst, kv_cap: float = float("inf")) -> None:
-        """WARM -> HOT: map KV pages (milliseconds); `kv_cap` bytes per GPU at most."""
+    def activate(self, x: Inst) -> None:
+        """WARM -> HOT: map KV pages (milliseconds)."""
         assert x.state is State.WARM, x.state
         self.counters["activations"] += 1
-        x.state, x.since, x.kv_cap = State.HOT, self.now, kv_cap
+        x.state, x.since = State.HOT, self.now
         x.ready_at = self.now + self.p.activate_s
         self._drain(x.f)
         self._kick(x)

@@ -278,7 +278,7 @@ def main() -> None:
         )
         r["throughput_c64_roofline_tok_s"] = CONCURRENCY * OUTPUT_LEN / bound_s
         # The same bound with each decode step also reading every sequence's KV cache once (at 64 x 600 tokens
-        # this is a third of the 8B step's bytes).
+        # this is a quarter of the 8B step's bytes).
         kv_bytes = sum(CONCURRENCY * (PROMPT_LEN + i + 1) * kv_bytes_per_token(cfg) for i in range(OUTPUT_LEN))
         r["throughput_c64_roofline_with_kv_tok_s"] = CONCURRENCY * OUTPUT_LEN / (bound_s + kv_bytes / bandwidth)
         if not args.skip_transformers:

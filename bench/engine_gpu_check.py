@@ -150,7 +150,11 @@ def check_model(arch: str, tmp: str) -> dict:
         result[f"mean_rel_err_vs_fp32_with_{name}"] = mean(errors({"fp32": hf32}, prompts, v_outs, v_logits)["fp32"])
         variant.release()
     bound = 1.25 * result["transformers_bf16_mean_rel_err_vs_fp32"]
-    result["ok"] = max(result["mean_rel_err_vs_fp32"], result["one_prompt_at_a_time_mean_rel_err_vs_fp32"]) <= bound
+    # The pass criterion: within the rounding noise transformers' own bf16 run has (not the issue's 1e-2 target,
+    # which `meets_1e-2_target` reports separately).
+    result["as_accurate_as_transformers_bf16"] = (
+        max(result["mean_rel_err_vs_fp32"], result["one_prompt_at_a_time_mean_rel_err_vs_fp32"]) <= bound
+    )
     print(arch, result, flush=True)
     return result
 
@@ -167,7 +171,7 @@ def check_kernel() -> dict:
     out = paged_decode_triton(q, k, v, tables, lens)
     err = rel_err(out[:5], ref)
     print("triton paged decode vs torch", err, flush=True)
-    return {"rel_err": err, "ok": err <= TOLERANCE and bool(torch.isfinite(out).all())}
+    return {"rel_err": err, "within_tolerance": err <= TOLERANCE and bool(torch.isfinite(out).all())}
 
 
 def check_ops() -> dict:
@@ -206,7 +210,7 @@ def check_ops() -> dict:
         n: {"exact_fraction": float((a == b).float().mean()), "rel_err": rel_err(b, a)}
         for n, a, b in zip(names, *results, strict=True)
     }
-    out["ok"] = all(v["rel_err"] <= 1e-2 for v in out.values())
+    out["within_1e-2"] = all(v["rel_err"] <= 1e-2 for v in out.values())
     print("fused ops vs torch", out, flush=True)
     return out
 
@@ -226,12 +230,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         for arch in SHAPES:
             results[arch] = check_model(arch, tmp)
-    results["ok"] = all(r["ok"] for r in results.values() if isinstance(r, dict))
+    verdicts = {"kernel": "within_tolerance", "ops": "within_1e-2"}
+    results["all_checks_passed"] = all(
+        r[verdicts.get(name, "as_accurate_as_transformers_bf16")] for name, r in results.items() if isinstance(r, dict)
+    )
     print(json.dumps(results, indent=1))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
-    sys.exit(0 if results["ok"] else 1)
+    sys.exit(0 if results["all_checks_passed"] else 1)
 
 
 if __name__ == "__main__":

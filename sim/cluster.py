@@ -264,12 +264,13 @@ class Sim:
         if busy == x.busy:
             return
         x.busy = busy
-        others = {y for g in x.gpus for y in self.on_gpu[g] if y is not x and y.busy}
-        for y in others:  # their step time is about to change: bank their progress at the old one
+        # a dict, not a set: iteration order must not depend on object addresses (runs must replay exactly)
+        others = {y.iid: y for g in x.gpus for y in self.on_gpu[g] if y is not x and y.busy}
+        for y in others.values():  # their step time is about to change: bank their progress at the old one
             self._advance(y)
         for g in x.gpus:
             self.n_busy[g] += 1 if busy else -1
-        for y in others:
+        for y in others.values():
             self._schedule(y)
 
     def _kick(self, x: Inst) -> None:

@@ -172,7 +172,7 @@ class OnDemand(Policy):
         Prefer groups on a worker that holds f in host memory, then fewest evictions."""
         best = None
         for g in _groups(sim, sim.fns[f].engine.m.tp):
-            here = {x for i in g for x in sim.on_gpu[i]}
+            here = list({x.iid: x for i in g for x in sim.on_gpu[i]}.values())  # ordered: runs replay exactly
             if not all(_idle(x) for x in here):
                 continue
             key = (f not in sim.host[g[0] // sim.gpn], len(here), max((x.last_used for x in here), default=0.0))
@@ -221,7 +221,9 @@ class LRU(Policy):
             return True
         if not evict_ok:
             return False
-        idle = sorted({x for i in g for x in sim.on_gpu[i] if _idle(x)}, key=lambda x: x.last_used)
+        idle = sorted(
+            {x.iid: x for i in g for x in sim.on_gpu[i] if _idle(x)}.values(), key=lambda x: (x.last_used, x.iid)
+        )
         cap = {i: sim.free_bytes(i) + sum(x.shard for x in idle if i in x.gpus) for i in g}
         busy_n = {i: sum(1 for x in sim.on_gpu[i] if not _idle(x)) for i in g}
         if any(cap[i] - shard < KV_MIN_BYTES or busy_n[i] >= self.max_per_gpu for i in g):

@@ -140,3 +140,21 @@ def test_servegen_envelope_day_scenario_runs():
     assert sim.completed == len(sc.workload) and s["requests"] > 0
     with pytest.raises(ValueError, match="envelope"):
         paper_setup.build(4.0, envelope="weekly")
+
+
+def test_same_seed_replays_exactly_in_another_process(tmp_path):
+    # Within one process object addresses tend to repeat; across processes they do not, so this catches any
+    # decision that depends on them (e.g. iterating a set of instances).
+    import os
+    import subprocess
+    import sys
+
+    def go(i: int) -> list[dict]:
+        out = tmp_path / f"{i}.json"
+        cmd = [sys.executable, "-m", "sim", "run", "--rate", "12", "--duration", "300", "--json", str(out),
+               "--policies", "warmserve,static,ondemand,lru"]  # fmt: skip
+        env = os.environ | {"PYTHONHASHSEED": str(i)}
+        subprocess.run(cmd, check=True, capture_output=True, env=env, cwd=paper_setup.DEFAULT_PROFILE.parents[2])
+        return [{k: v for k, v in r.items() if k != "wall_s"} for r in json.loads(out.read_text())]
+
+    assert go(1) == go(2)

@@ -25,7 +25,7 @@ import numpy as np
 
 from sim.cluster import Inst, Sim
 from warmer.cluster import GPU, ClusterView, FunctionSpec, Instance, Load, State, Worker
-from warmer.forecast import Prediction, make_forecaster
+from warmer.forecast import Prediction, act_on, make_forecaster, this_and_next
 from warmer.placement import plan
 
 KV_MIN_BYTES = 8e9  # per GPU left for KV when a baseline places weights on a shared GPU
@@ -289,15 +289,9 @@ class WarmServe(Policy):
             self._cur, self._next = {}, {}
             for f, fn in enumerate(sim.fns):
                 hist = np.concatenate([self.history[f], live[f]])
-                cur = self.forecaster.predict(hist)
-                self._cur[fn.name] = cur
-                self._next[fn.name] = self.forecaster.predict(np.append(hist, cur.mean * self.window_s))
-        if now < sim.w.start_s + (w + 1) * self.window_s - self.lead_s:
-            return self._cur
-        return {
-            n: Prediction(max(c.mean, self._next[n].mean), max(c.peak, self._next[n].peak))
-            for n, c in self._cur.items()
-        }
+                self._cur[fn.name], self._next[fn.name] = this_and_next(self.forecaster, hist)
+        until_next = sim.w.start_s + (w + 1) * self.window_s - now
+        return {n: act_on(c, self._next[n], until_next, self.lead_s) for n, c in self._cur.items()}
 
     # -- view of the cluster for the planner
     def specs(self, sim: Sim) -> dict[str, FunctionSpec]:

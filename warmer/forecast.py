@@ -33,7 +33,24 @@ class Prediction:
 
 
 class Forecaster(Protocol):
+    window_s: int
+
     def predict(self, history: np.ndarray) -> Prediction: ...
+
+
+def this_and_next(forecaster: Forecaster, history: np.ndarray) -> tuple[Prediction, Prediction]:
+    """Forecasts for the current window and the one after (the current forecast fed back as if observed)."""
+    cur = forecaster.predict(history)
+    return cur, forecaster.predict(np.append(history, cur.mean * forecaster.window_s))
+
+
+def act_on(cur: Prediction, nxt: Prediction, until_next_s: float, lead_s: float) -> Prediction:
+    """The prediction to plan with: the current window's, and within `lead_s` of the next window the larger of
+    both, so weights are resident before a forecast burst starts rather than when it starts. The live warmer and
+    the simulator both plan with this."""
+    if until_next_s > lead_s:
+        return cur
+    return Prediction(max(cur.mean, nxt.mean), max(cur.peak, nxt.peak))
 
 
 def _ewma_weights(alpha: float, lags: int) -> np.ndarray:

@@ -25,12 +25,13 @@ from invoker.serving import kv_bytes_for
 from invoker.states import HOST, HOT, LOADING, WARM
 from invoker.submit import live_workers_sync, send_control
 from warmer import cluster
-from warmer.forecast import DEFAULT_METHOD, Prediction, make_forecaster
+from warmer.forecast import DEFAULT_METHOD, Prediction, act_on, make_forecaster, this_and_next
 from warmer.placement import plan
 
 log = logging.getLogger(__name__)
 
 WINDOW_S = 300  # forecast window (WarmServe's 5 minutes)
+LEAD_S = 60.0  # start acting on the next window's forecast this long before it begins (the simulator's default)
 HISTORY_WINDOWS = 8 * 24 * 12  # eight days of 5-minute windows: same time yesterday and a week ago
 RESEND_AFTER_S = 60.0  # an action not reflected in the cluster after this long is sent again
 CAPACITY_RPS = 4.0  # requests/s one HOT instance absorbs within SLO, until calibrated from the engine profile
@@ -103,19 +104,21 @@ class Warmer:
         self.r = r
         self.registry = Registry(r)
         self.forecaster = make_forecaster(method, window_s=WINDOW_S)
-        self.predictions: dict[str, Prediction] = {}
+        self.predictions: dict[str, tuple[Prediction, Prediction]] = {}
         self.predicted_window = -1
 
     def forecast(self, specs: dict[str, FunctionSpec], now: float) -> dict[str, Prediction]:
-        """Re-forecast once per window (history only changes at window boundaries)."""
+        """Forecast this window and the next once per window (history only changes at window boundaries); plan
+        with the next one's too in the last LEAD_S of a window, as the simulator does."""
         window = int(now // WINDOW_S)
         if window != self.predicted_window or set(self.predictions) != set(specs):
             self.predictions = {
-                fn: self.forecaster.predict(history.read_counts(self.r, fn, now, WINDOW_S, HISTORY_WINDOWS))
+                fn: this_and_next(self.forecaster, history.read_counts(self.r, fn, now, WINDOW_S, HISTORY_WINDOWS))
                 for fn in specs
             }
             self.predicted_window = window
-        return self.predictions
+        until_next = (window + 1) * WINDOW_S - now
+        return {fn: act_on(cur, nxt, until_next, LEAD_S) for fn, (cur, nxt) in self.predictions.items()}
 
     def loads(self, names: list[str], workers: list[WorkerInfo], now: float) -> dict[str, cluster.Load]:
         out = {}

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import httpx
 import orjson
+import pytest
 import redis
 from conftest import start_stack, wait_for
 
@@ -17,130 +19,102 @@ FN = "redeliver"
 MAX_TOKENS = 400
 
 
-def stream_tokens(url: str, body: dict, on_first=None) -> tuple[str, list[str], int]:
-    text, reasons, chunks = [], [], 0
-    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=120) as resp:
-        assert resp.status_code == 200, resp.read()
-        for line in resp.iter_lines():
-            if not line.startswith("data: "):
-                continue
-            if line == "data: [DONE]":
-                chunks += 1000
-                continue
-            chunk = orjson.loads(line[6:])
-            assert "error" not in chunk, chunk
-            choice = chunk["choices"][0]
-            text.append(choice["text"])
-            if choice["finish_reason"]:
-                reasons.append(choice["finish_reason"])
-            chunks += 1
-            if chunks == 3 and on_first is not None:
-                on_first()
-    return "".join(text), reasons, chunks // 1000
-
-
-def test_sigkilled_worker_answer_is_redelivered_once(redis_url, slow_model, tmp_path):
+@pytest.fixture
+def two_workers(redis_url, slow_model, tmp_path):
+    """Two workers that both host FN (min_instances 2), on a database of their own."""
     url = redis_url.rsplit("/", 1)[0] + "/3"
     r = redis.Redis.from_url(url)
     r.flushdb()
     stack = start_stack(url, tmp_path, workers=2)
-    try:
-        spec = {
-            "name": FN,
-            "model": str(slow_model),
-            "max_model_len": 512,
-            "scaling": {"min_instances": 2, "max_instances": 2},
-        }
-        assert httpx.post(f"{stack.url}/functions", json=spec).status_code == 201
-        body = {
-            "model": FN,
-            "prompt": "Hello",
-            "max_tokens": MAX_TOKENS,
-            "temperature": 0.8,
-            "seed": 11,
-            "ignore_eos": True,
-        }
-        baseline, reasons, dones = stream_tokens(stack.url, body)  # also routes the function to both workers
-        assert reasons == ["length"] and dones == 1
-
-        def both_hot():
-            st = httpx.get(f"{stack.url}/status").json()
-            return all(w["models"].get(FN) in ("WARM", "HOT") for w in st["workers"]) and len(st["workers"]) == 2
-
-        wait_for(both_hot, 60, "both workers hosting the function")
-        killed = []
-
-        def kill_the_one_answering():
-            pending = r.xpending(keys.invocations(FN), keys.GROUP)
-            (owner,) = [c["name"].decode() for c in pending["consumers"] if c["pending"]]
-            os.kill(stack.workers[owner].pid, signal.SIGKILL)
-            killed.append((owner, time.monotonic()))
-
-        text, reasons, dones = stream_tokens(stack.url, body, on_first=kill_the_one_answering)
-        assert killed, "the worker was not killed mid-answer"
-        assert stack.workers[killed[0][0]].wait(5) == -signal.SIGKILL
-        assert reasons == ["length"] and dones == 1
-        assert text == baseline  # every token exactly once, none lost, none repeated
-        (survivor,) = set(stack.workers) - {killed[0][0]}
-        assert "re-delivering" in (tmp_path / f"{survivor}.log").read_text()  # it really was answered twice
-        assert r.xlen(keys.invocations(FN)) == 0
-        assert r.xpending(keys.invocations(FN), keys.GROUP)["pending"] == 0
-    finally:
-        stack.stop()
+    scaling = {"min_instances": 2, "max_instances": 2}
+    spec = {"name": FN, "model": str(slow_model), "max_model_len": 512, "scaling": scaling}
+    assert httpx.post(f"{stack.url}/functions", json=spec).status_code == 201
+    yield stack, r
+    stack.stop()
 
 
-def test_sigkilled_worker_non_streamed_answer_is_replaced_whole(redis_url, slow_model, tmp_path):
-    import threading
+def wait_both_hosting(stack) -> None:
+    def both():
+        workers = httpx.get(f"{stack.url}/status").json()["workers"]
+        return len(workers) == 2 and all(w["models"].get(FN) in ("WARM", "HOT") for w in workers)
 
-    url = redis_url.rsplit("/", 1)[0] + "/6"
-    r = redis.Redis.from_url(url)
-    r.flushdb()
-    stack = start_stack(url, tmp_path, workers=2)
-    try:
-        spec = {
-            "name": FN,
-            "model": str(slow_model),
-            "max_model_len": 512,
-            "scaling": {"min_instances": 2, "max_instances": 2},
-        }
-        assert httpx.post(f"{stack.url}/functions", json=spec).status_code == 201
-        body = {"model": FN, "prompt": "Hello", "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
-        baseline = httpx.post(f"{stack.url}/v1/completions", json=body, timeout=120).json()
-        wait_for(
-            lambda: (
-                len(
-                    [
-                        w
-                        for w in httpx.get(f"{stack.url}/status").json()["workers"]
-                        if w["models"].get(FN) in ("WARM", "HOT")
-                    ]
-                )
-                == 2
-            ),
-            60,
-            "both workers hosting",
-        )
-        result = {}
-        t = threading.Thread(
-            target=lambda: result.update(httpx.post(f"{stack.url}/v1/completions", json=body, timeout=120).json())
-        )
-        t.start()
-        owner = None
+    wait_for(both, 60, "both workers hosting the function")
 
-        def claimed():
-            nonlocal owner
-            pending = r.xpending(keys.invocations(FN), keys.GROUP)
-            owners = [c["name"].decode() for c in pending["consumers"] if c["pending"]]
-            owner = owners[0] if owners else None
-            return owner is not None
 
-        wait_for(claimed, 30, "a worker to claim the request")
-        time.sleep(0.2)  # let it generate part of the answer
-        os.kill(stack.workers[owner].pid, signal.SIGKILL)
-        t.join(120)
-        assert result["choices"][0]["text"] == baseline["choices"][0]["text"]
-        assert result["usage"]["completion_tokens"] == MAX_TOKENS
-        (survivor,) = set(stack.workers) - {owner}
-        assert "re-delivering" in (tmp_path / f"{survivor}.log").read_text()
-    finally:
-        stack.stop()
+def answering_worker(r) -> str | None:
+    pending = r.xpending(keys.invocations(FN), keys.GROUP)
+    owners = [c["name"].decode() for c in pending["consumers"] if c["pending"]]
+    return owners[0] if owners else None
+
+
+def check_redelivered(stack, r, killed: str, logs) -> None:
+    assert stack.workers[killed].wait(5) == -signal.SIGKILL
+    (survivor,) = set(stack.workers) - {killed}
+    assert "re-delivering" in (logs / f"{survivor}.log").read_text()  # it really was answered twice
+    assert r.xlen(keys.invocations(FN)) == 0
+    assert r.xpending(keys.invocations(FN), keys.GROUP)["pending"] == 0
+
+
+def stream_text(url: str, body: dict, after_chunks=None) -> tuple[str, list[str], int]:
+    """Stream a completion; call `after_chunks()` once three chunks have arrived. Returns text, reasons, [DONE]s."""
+    text, reasons, chunks, dones = [], [], 0, 0
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=120) as resp:
+        assert resp.status_code == 200, resp.read()
+        for line in resp.iter_lines():
+            if line == "data: [DONE]":
+                dones += 1
+            elif line.startswith("data: "):
+                chunk = orjson.loads(line[6:])
+                assert "error" not in chunk, chunk
+                text.append(chunk["choices"][0]["text"])
+                reasons += [chunk["choices"][0]["finish_reason"]] if chunk["choices"][0]["finish_reason"] else []
+                chunks += 1
+                if chunks == 3 and after_chunks is not None:
+                    after_chunks()
+    return "".join(text), reasons, dones
+
+
+def test_sigkilled_worker_streamed_answer_is_redelivered_once(two_workers, tmp_path):
+    stack, r = two_workers
+    body = {
+        "model": FN,
+        "prompt": "Hello",
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0.8,
+        "seed": 11,
+        "ignore_eos": True,
+    }
+    baseline, reasons, dones = stream_text(stack.url, body)  # also routes the function to both workers
+    assert reasons == ["length"] and dones == 1
+    wait_both_hosting(stack)
+    killed = []
+
+    def kill_the_one_answering():
+        killed.append(answering_worker(r))
+        os.kill(stack.workers[killed[0]].pid, signal.SIGKILL)
+
+    text, reasons, dones = stream_text(stack.url, body, after_chunks=kill_the_one_answering)
+    assert killed, "the worker was not killed mid-answer"
+    assert reasons == ["length"] and dones == 1
+    assert text == baseline  # every token exactly once, none lost, none repeated
+    check_redelivered(stack, r, killed[0], tmp_path)
+
+
+def test_sigkilled_worker_non_streamed_answer_is_replaced_whole(two_workers, tmp_path):
+    stack, r = two_workers
+    body = {"model": FN, "prompt": "Hello", "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
+    baseline = httpx.post(f"{stack.url}/v1/completions", json=body, timeout=120).json()
+    wait_both_hosting(stack)
+    result = {}
+    t = threading.Thread(
+        target=lambda: result.update(httpx.post(f"{stack.url}/v1/completions", json=body, timeout=120).json())
+    )
+    t.start()
+    wait_for(lambda: answering_worker(r) is not None, 30, "a worker to claim the request")
+    owner = answering_worker(r)
+    time.sleep(0.2)  # let it generate part of the answer
+    os.kill(stack.workers[owner].pid, signal.SIGKILL)
+    t.join(120)
+    assert result["choices"][0]["text"] == baseline["choices"][0]["text"]
+    assert result["usage"]["completion_tokens"] == MAX_TOKENS
+    check_redelivered(stack, r, owner, tmp_path)

@@ -11,7 +11,7 @@ import threading
 import torch
 
 from gpu_runtime.engine.sampler import sample
-from gpu_runtime.engine.sequence import SamplingParams, Sequence, StepOutput
+from gpu_runtime.engine.sequence import SamplingParams, Sequence, StepOutput, validate_prompt
 from gpu_runtime.tokenizer import Tokenizer
 
 
@@ -31,11 +31,7 @@ class ReferenceEngine:
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         """Queue a request; ValueError (the worker answers 400) if it can't run, so it never poisons a step."""
-        vocab = self.model.config.vocab_size
-        if not prompt_ids or min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
-            raise ValueError(f"request {request_id}: prompt must be token ids in [0, {vocab})")
-        if len(prompt_ids) + params.max_tokens > self.max_len:
-            raise ValueError(f"request {request_id}: prompt + max_tokens exceed the model's {self.max_len} positions")
+        validate_prompt(request_id, prompt_ids, self.model.config.vocab_size, self.max_len)
         with self._lock:
             self._new.append(Sequence(request_id, prompt_ids, params))
 
@@ -50,7 +46,7 @@ class ReferenceEngine:
         p = seq.params
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
             return "stop"
-        return "length" if seq.num_completion >= p.max_tokens else None
+        return "length" if seq.num_completion >= p.max_tokens or len(seq) >= self.max_len else None
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:

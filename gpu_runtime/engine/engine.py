@@ -21,7 +21,7 @@ from gpu_runtime.engine.model import LlamaModel
 from gpu_runtime.engine.model_runner import ModelRunner
 from gpu_runtime.engine.sampler import sample
 from gpu_runtime.engine.scheduler import Scheduler
-from gpu_runtime.engine.sequence import RequestOutput, SamplingParams, Sequence, StepOutput
+from gpu_runtime.engine.sequence import RequestOutput, SamplingParams, Sequence, StepOutput, validate_prompt
 from gpu_runtime.weights import WeightLayout, load_weights, plan_weights
 
 log = logging.getLogger(__name__)
@@ -221,16 +221,7 @@ class Engine:
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         """Queue a request (thread-safe); its tokens come out of ``step``."""
-        if not prompt_ids:
-            raise ValueError(f"request {request_id}: empty prompt")
-        if len(prompt_ids) >= self.max_model_len:
-            raise ValueError(
-                f"request {request_id}: prompt of {len(prompt_ids)} tokens leaves no room "
-                f"(max_model_len {self.max_model_len})"
-            )
-        vocab = self.config.vocab_size
-        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
-            raise ValueError(f"request {request_id}: token id out of range [0, {vocab})")
+        validate_prompt(request_id, prompt_ids, self.config.vocab_size, self.max_model_len)
         with self._lock:
             self._new.append(Sequence(request_id, prompt_ids, params))
 

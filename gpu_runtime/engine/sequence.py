@@ -32,6 +32,18 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
 
 
+def validate_prompt(request_id: str, prompt_ids: list[int], vocab: int, max_model_len: int) -> None:
+    """ValueError unless the prompt is non-empty token ids of the vocabulary leaving room for one more token."""
+    if not prompt_ids:
+        raise ValueError(f"request {request_id}: empty prompt")
+    if len(prompt_ids) >= max_model_len:
+        raise ValueError(
+            f"request {request_id}: prompt of {len(prompt_ids)} tokens leaves no room (max_model_len {max_model_len})"
+        )
+    if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+        raise ValueError(f"request {request_id}: token id out of range [0, {vocab})")
+
+
 class Status(enum.Enum):
     WAITING = "waiting"  # queued, or prefill not finished, or preempted (KV freed, will be recomputed)
     RUNNING = "running"  # prefilled; one token per decode step

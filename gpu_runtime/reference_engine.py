@@ -6,12 +6,10 @@ yardstick the builtin engine is checked against, and a fallback for architecture
 
 from __future__ import annotations
 
-import threading
-
 import torch
 
 from gpu_runtime.engine.sampler import sample
-from gpu_runtime.engine.sequence import SamplingParams, Sequence, StepOutput, validate_prompt
+from gpu_runtime.engine.sequence import RequestInbox, SamplingParams, Sequence, StepOutput, validate_prompt
 from gpu_runtime.tokenizer import Tokenizer
 
 
@@ -24,23 +22,19 @@ class ReferenceEngine:
         self.model.eval()
         self.eos_token_ids = set(Tokenizer.from_pretrained(model_dir).eos_token_ids)
         self.max_len = self.model.config.max_position_embeddings
-        self._lock = threading.Lock()
-        self._new: list[Sequence] = []
-        self._aborted: set[str] = set()
+        self.inbox = RequestInbox()
         self._active: dict[str, tuple[Sequence, object]] = {}
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         """Queue a request; ValueError (the worker answers 400) if it can't run, so it never poisons a step."""
         validate_prompt(request_id, prompt_ids, self.model.config.vocab_size, self.max_len)
-        with self._lock:
-            self._new.append(Sequence(request_id, prompt_ids, params))
+        self.inbox.add(Sequence(request_id, prompt_ids, params))
 
     def abort(self, request_id: str) -> None:
-        with self._lock:
-            self._aborted.add(request_id)
+        self.inbox.abort(request_id)
 
     def has_unfinished(self) -> bool:
-        return bool(self._new or self._active)
+        return self.inbox.has_new() or bool(self._active)
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
@@ -50,9 +44,7 @@ class ReferenceEngine:
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
-        with self._lock:
-            new, self._new = self._new, []
-            aborted, self._aborted = self._aborted, set()
+        new, aborted = self.inbox.take()
         outs = []
         for rid in aborted:
             if self._active.pop(rid, None) is not None:

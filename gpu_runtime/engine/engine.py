@@ -8,7 +8,6 @@ can be attached and detached (HOT <-> WARM) and whose top can be lent out (``set
 from __future__ import annotations
 
 import logging
-import threading
 import uuid
 from collections.abc import Callable
 
@@ -21,7 +20,14 @@ from gpu_runtime.engine.model import LlamaModel
 from gpu_runtime.engine.model_runner import ModelRunner
 from gpu_runtime.engine.sampler import sample
 from gpu_runtime.engine.scheduler import Scheduler
-from gpu_runtime.engine.sequence import RequestOutput, SamplingParams, Sequence, StepOutput, validate_prompt
+from gpu_runtime.engine.sequence import (
+    RequestInbox,
+    RequestOutput,
+    SamplingParams,
+    Sequence,
+    StepOutput,
+    validate_prompt,
+)
 from gpu_runtime.weights import WeightLayout, load_weights, plan_weights
 
 log = logging.getLogger(__name__)
@@ -100,9 +106,7 @@ class Engine:
         self.kv_pressure_hook: Callable[[int], int] | None = None
         self._kv_buffer: torch.Tensor | None = None
         self._kv_owned = False
-        self._lock = threading.Lock()
-        self._new: list[Sequence] = []
-        self._aborted: set[str] = set()
+        self.inbox = RequestInbox()
         self._seqs: dict[str, Sequence] = {}
         if num_kv_blocks is None:
             num_kv_blocks = self._default_kv_blocks(max_num_seqs)
@@ -192,9 +196,7 @@ class Engine:
 
     def detach_kv(self) -> None:
         """Drop the KV cache views (the caller owns the buffer; an engine-allocated one is released)."""
-        with self._lock:
-            busy = self.scheduler.has_unfinished() or self._new
-        if busy:
+        if self.scheduler.has_unfinished() or self.inbox.has_new():
             raise RuntimeError("detach_kv: requests are still running; abort or finish them first")
         buffer, self._kv_buffer = self._kv_buffer, None
         self.runner.set_kv(None, 0)
@@ -222,17 +224,14 @@ class Engine:
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         """Queue a request (thread-safe); its tokens come out of ``step``."""
         validate_prompt(request_id, prompt_ids, self.config.vocab_size, self.max_model_len)
-        with self._lock:
-            self._new.append(Sequence(request_id, prompt_ids, params))
+        self.inbox.add(Sequence(request_id, prompt_ids, params))
 
     def abort(self, request_id: str) -> None:
         """Cancel a request (thread-safe); the next ``step`` reports it finished with reason "abort"."""
-        with self._lock:
-            self._aborted.add(request_id)
+        self.inbox.abort(request_id)
 
     def has_unfinished(self) -> bool:
-        with self._lock:
-            return bool(self._new) or self.scheduler.has_unfinished()
+        return self.inbox.has_new() or self.scheduler.has_unfinished()
 
     def step(self) -> list[StepOutput]:
         """Run one batch; call from one thread only."""
@@ -262,9 +261,7 @@ class Engine:
         return outputs
 
     def _take_new_and_aborts(self) -> list[StepOutput]:
-        with self._lock:
-            new, self._new = self._new, []
-            aborted, self._aborted = self._aborted, set()
+        new, aborted = self.inbox.take()
         outputs = []
         for seq in new:
             if seq.request_id in aborted:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +43,32 @@ def validate_prompt(request_id: str, prompt_ids: list[int], vocab: int, max_mode
         )
     if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
         raise ValueError(f"request {request_id}: token id out of range [0, {vocab})")
+
+
+class RequestInbox:
+    """Requests added and aborted from any thread, taken in one go by the thread that steps the engine."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._new: list[Sequence] = []
+        self._aborted: set[str] = set()
+
+    def add(self, seq: Sequence) -> None:
+        with self._lock:
+            self._new.append(seq)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborted.add(request_id)
+
+    def has_new(self) -> bool:
+        return bool(self._new)
+
+    def take(self) -> tuple[list[Sequence], set[str]]:
+        with self._lock:
+            new, self._new = self._new, []
+            aborted, self._aborted = self._aborted, set()
+        return new, aborted
 
 
 class Status(enum.Enum):

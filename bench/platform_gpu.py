@@ -28,6 +28,8 @@ import httpx  # noqa: E402
 import redis  # noqa: E402
 
 from invoker.submit import send_control  # noqa: E402
+from protocol.settings import DEFAULTS  # noqa: E402
+from protocol.states import ControlAction  # noqa: E402
 from warmserve.tinymodel import build_tiny_llama  # noqa: E402
 
 SHAPE_1B = dict(  # noqa: C408
@@ -78,7 +80,7 @@ def state(url: str) -> str:
 
 
 def move(r: redis.Redis, url: str, worker: str, action: str, expect: str) -> None:
-    send_control(r, worker, action, FN)
+    send_control(r, worker, ControlAction.parse(action), FN, DEFAULTS)
     deadline = time.monotonic() + 300
     while state(url) != expect:
         if time.monotonic() > deadline:

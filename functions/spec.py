@@ -7,7 +7,6 @@ the workers and the warmer all read exactly this shape.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -18,8 +17,9 @@ from typing import Any
 import orjson
 import yaml
 
+from modelinfo import DTYPE_BYTES, ModelFileError, load_model_config
+
 ENGINES = ("builtin", "transformers")
-DTYPES = ("float32", "bfloat16", "float16")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 CACHE_PREFIX = "cache:"
 DEFAULT_MAX_MODEL_LEN = 2048  # or the model's own limit when smaller; every token of it reserves KV memory
@@ -63,6 +63,21 @@ class FunctionSpec:
     def from_json(cls, data: bytes | str) -> FunctionSpec:
         raw = orjson.loads(data)
         return cls(**{**raw, "scaling": Scaling(**raw["scaling"]), "slo": Slo(**raw["slo"])})
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What one instance of a function takes on a GPU, exactly as the worker's memory pool reserves it."""
+
+    weight_bytes: int  # the weights in the serving dtype
+    kv_bytes: int  # the KV cache a HOT instance reserves: `kv_seqs` sequences at max_model_len
+
+
+def footprint(spec: FunctionSpec, kv_seqs: int) -> Footprint:
+    """Size a function from its model's config (ModelFileError if the files went bad since it was deployed)."""
+    cfg = load_model_config(spec.model)
+    per_token = cfg.kv_bytes_per_token(spec.dtype)
+    return Footprint(cfg.weight_bytes(spec.dtype), per_token * spec.max_model_len * kv_seqs)
 
 
 def cache_dir() -> Path:
@@ -145,18 +160,19 @@ def parse_spec(raw: Any, source: str = "<spec>", base_dir: Path | None = None) -
     if engine not in ENGINES:
         raise SpecError(source, "engine", f"must be one of {', '.join(ENGINES)}, got {engine!r}")
     dtype = raw.get("dtype", "float32")
-    if dtype not in DTYPES:
-        raise SpecError(source, "dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype not in DTYPE_BYTES:
+        raise SpecError(source, "dtype", f"must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
     try:
-        limit = json.loads((model / "config.json").read_text()).get("max_position_embeddings")
-    except (OSError, ValueError) as exc:
-        raise SpecError(source, "model", f"{model / 'config.json'} is not readable JSON: {exc}") from None
-    limit = limit if isinstance(limit, int) and limit > 0 else None
-    default_len = min(DEFAULT_MAX_MODEL_LEN, limit or DEFAULT_MAX_MODEL_LEN)
-    max_model_len = _int(source, "max_model_len", raw.get("max_model_len", default_len), 16)
-    if limit is not None and max_model_len > limit:
+        limit = load_model_config(str(model)).max_position_embeddings
+    except ModelFileError as exc:
+        raise SpecError(source, "model", str(exc)) from None
+    max_model_len = _int(source, "max_model_len", raw.get("max_model_len", min(DEFAULT_MAX_MODEL_LEN, limit)), 16)
+    if max_model_len > limit:
         raise SpecError(
-            source, "max_model_len", f"{max_model_len} exceeds the model's max_position_embeddings ({limit})"
+            source,
+            "max_model_len",
+            f"{max_model_len} exceeds the model's max_position_embeddings ({limit}; a sliding window, when the "
+            "model uses one, caps it too)",
         )
     sc = _section(source, raw, "scaling", {"min_instances", "max_instances", "keep_alive_s", "max_queue"})
     scaling = Scaling(

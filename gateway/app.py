@@ -25,15 +25,15 @@ from functions.spec import FunctionSpec, SpecError, parse_spec, parse_yaml
 from gateway.errors import ApiError
 from gateway.metrics import Metrics
 from gateway.openai_api import Parsed, chunk_body, completion_body, parse_chat, parse_completion, usage
-from gpu_runtime import Tokenizer
-from invoker import keys
+from gpu_runtime.tokenizer import Tokenizer
 from invoker.registry import Registry
-from invoker.schemas import Invocation
-from invoker.submit import InvokerClient, NoWorkers, QueueFull, live_workers
+from invoker.submit import Answer, InvokerClient, NoWorkers, QueueFull, live_workers
+from protocol import keys
+from protocol.messages import Done, Failed, Invocation, Restart, Token
+from protocol.settings import Settings
+from protocol.states import ModelState
 
 log = logging.getLogger(__name__)
-
-MAX_BODY_BYTES = 4 << 20
 
 
 def json_response(data: object, status: int = 200) -> Response:
@@ -41,13 +41,13 @@ def json_response(data: object, status: int = 200) -> Response:
 
 
 class Gateway:
-    def __init__(self, redis_url: str, request_timeout_s: float = 300.0) -> None:
+    def __init__(self, redis_url: str, settings: Settings) -> None:
+        self.settings = settings
         self.r = aredis.Redis.from_url(redis_url)
         self.sync_r = redis.Redis.from_url(redis_url)
         self.registry = Registry(self.sync_r)
-        self.invoker = InvokerClient(self.r, self.sync_r)
+        self.invoker = InvokerClient(self.r, self.sync_r, settings)
         self.metrics = Metrics()
-        self.request_timeout_s = request_timeout_s
         self.tokenizers: dict[tuple[str, str], Tokenizer] = {}
 
     # ---- helpers ----
@@ -65,16 +65,20 @@ class Gateway:
         return FunctionSpec.from_json(raw)
 
     def tokenizer(self, spec: FunctionSpec) -> Tokenizer:
+        """The function's tokenizer; a broken one is our fault (500 naming the function), not the client's."""
         key = (spec.name, spec.model)
         if key not in self.tokenizers:
-            self.tokenizers[key] = Tokenizer.from_pretrained(spec.model)
+            try:
+                self.tokenizers[key] = Tokenizer.from_pretrained(spec.model)
+            except Exception as exc:
+                log.exception("function %s: cannot load its tokenizer", spec.name)
+                raise ApiError(500, f"function '{spec.name}': cannot load its tokenizer: {exc}") from None
         return self.tokenizers[key]
 
-    @staticmethod
-    async def body_json(request: Request) -> dict:
+    async def body_json(self, request: Request) -> dict:
         raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise ApiError(413, f"request body is over {MAX_BODY_BYTES} bytes")
+        if len(raw) > self.settings.max_body_bytes:
+            raise ApiError(413, f"request body is over {self.settings.max_body_bytes} bytes")
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -107,7 +111,7 @@ class Gateway:
                 raise ApiError(429, str(exc), code="queue_full", retry_after=exc.retry_after_s) from None
             except NoWorkers as exc:
                 raise ApiError(503, str(exc), code="no_workers", retry_after=5) from None
-            events = self.invoker.events(spec, rid, self.request_timeout_s, restartable=not parsed.stream)
+            events = self.invoker.events(spec, rid, self.settings.request_timeout_s, restartable=not parsed.stream)
             if parsed.stream:
                 return await self.stream(spec, rid, parsed, events, chat)
             return await self.collect(spec, rid, parsed, events, chat)
@@ -116,36 +120,36 @@ class Gateway:
             return err.response()
 
     async def collect(
-        self, spec: FunctionSpec, rid: str, parsed: Parsed, events: AsyncIterator[dict], chat: bool
+        self, spec: FunctionSpec, rid: str, parsed: Parsed, events: AsyncIterator[Answer], chat: bool
     ) -> Response:
         t0, parts, n = time.monotonic(), [], 0
         async for ev in events:
-            if ev["type"] == "token":
+            if isinstance(ev, Token):
                 if n == 0:
                     self.metrics.first_token(spec.name, time.monotonic() - t0)
-                n += ev["id"] >= 0
-                parts.append(ev["text"])
-            elif ev["type"] == "restart":  # re-delivered after a worker died: its answer replaces the partial one
+                n += ev.id >= 0
+                parts.append(ev.text)
+            elif isinstance(ev, Restart):  # re-delivered after a worker died: its answer replaces the partial one
                 parts.clear()
                 n = 0
-            elif ev["type"] == "error":
-                raise ApiError(ev["status"], ev["message"])
-            elif ev["type"] == "done":
+            elif isinstance(ev, Failed):
+                raise ApiError(ev.status, ev.message)
+            elif isinstance(ev, Done):
                 self.metrics.request(spec.name, 200)
                 self.metrics.generated(spec.name, n)
                 text = "".join(parts)
                 return json_response(
-                    completion_body(rid, spec.name, text, ev["finish_reason"], len(parsed.prompt_ids), n, chat)
+                    completion_body(rid, spec.name, text, ev.finish_reason, len(parsed.prompt_ids), n, chat)
                 )
-        raise ApiError(500, "the answer stream ended without a result")
+        raise ApiError(500, f"function '{spec.name}': the answer stream ended without a result")
 
     async def stream(
-        self, spec: FunctionSpec, rid: str, parsed: Parsed, events: AsyncIterator[dict], chat: bool
+        self, spec: FunctionSpec, rid: str, parsed: Parsed, events: AsyncIterator[Answer], chat: bool
     ) -> Response:
         t0 = time.monotonic()
         first = await anext(events)  # an error before any token still gets a proper HTTP status
-        if first["type"] == "error":
-            raise ApiError(first["status"], first["message"])
+        if isinstance(first, Failed):
+            raise ApiError(first.status, first.message)
 
         async def sse() -> AsyncIterator[bytes]:
             n, finished = 0, False
@@ -155,20 +159,20 @@ class Gateway:
                 pending = [first]
                 while True:
                     ev = pending.pop() if pending else await anext(events)
-                    if ev["type"] == "token":
+                    if isinstance(ev, Token):
                         if n == 0:
                             self.metrics.first_token(spec.name, time.monotonic() - t0)
-                        n += ev["id"] >= 0
-                        if ev["text"]:
-                            chunk = chunk_body(rid, spec.name, ev["text"], None, chat)
+                        n += ev.id >= 0
+                        if ev.text:
+                            chunk = chunk_body(rid, spec.name, ev.text, None, chat)
                             yield b"data: " + orjson.dumps(chunk) + b"\n\n"
-                    elif ev["type"] == "error":
-                        err = {"error": {"message": ev["message"], "type": "server_error", "code": ev["status"]}}
+                    elif isinstance(ev, Failed):
+                        err = ApiError(ev.status, ev.message).body()
                         yield b"data: " + orjson.dumps(err) + b"\n\n"
-                        self.metrics.request(spec.name, ev["status"])
+                        self.metrics.request(spec.name, ev.status)
                         break
-                    elif ev["type"] == "done":
-                        last = chunk_body(rid, spec.name, None if chat else "", ev["finish_reason"], chat)
+                    elif isinstance(ev, Done):
+                        last = chunk_body(rid, spec.name, None if chat else "", ev.finish_reason, chat)
                         yield b"data: " + orjson.dumps(last) + b"\n\n"
                         if parsed.include_usage:
                             tail = {**chunk_body(rid, spec.name, None, None, chat), "choices": []}
@@ -269,17 +273,17 @@ class Gateway:
 
     async def metrics_endpoint(self, request: Request) -> Response:
         depths = await self.queue_depths()
-        workers = await live_workers(self.r)
+        workers = await live_workers(self.r, self.settings)
         return Response(self.metrics.render(depths, len(workers)), media_type="text/plain; version=0.0.4")
 
     async def status(self, request: Request) -> Response:
         depths = await self.queue_depths()
-        workers = await live_workers(self.r)
+        workers = await live_workers(self.r, self.settings)
         return json_response(
             {
                 "workers": [w.__dict__ for w in workers],
                 "functions": {
-                    n: {"queue_depth": d, "states": {w.worker_id: w.models.get(n, "COLD") for w in workers}}
+                    n: {"queue_depth": d, "states": {w.worker_id: w.models.get(n, ModelState.COLD) for w in workers}}
                     for n, d in depths.items()
                 },
             }
@@ -301,8 +305,8 @@ class Gateway:
         ]
 
 
-def create_app(redis_url: str, request_timeout_s: float = 300.0) -> Starlette:
-    gw = Gateway(redis_url, request_timeout_s)
+def create_app(redis_url: str, settings: Settings | None = None) -> Starlette:
+    gw = Gateway(redis_url, settings or Settings.from_env())
 
     async def on_error(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)

@@ -31,14 +31,11 @@ class ApiError(Exception):
             retry_after,
         )
 
+    def body(self) -> dict:
+        kind = TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
     def response(self) -> Response:
-        body = {
-            "error": {
-                "message": self.message,
-                "type": TYPES.get(self.status, "server_error"),
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+        body = self.body()
         headers = {"Retry-After": str(self.retry_after)} if self.retry_after else None
         return Response(orjson.dumps(body), status_code=self.status, media_type="application/json", headers=headers)

@@ -13,8 +13,8 @@ from typing import Any
 
 from functions.spec import FunctionSpec
 from gateway.errors import ApiError
-from gpu_runtime import Tokenizer
-from invoker.schemas import Sampling
+from gpu_runtime.tokenizer import Tokenizer
+from protocol.messages import SamplingParams
 
 MAX_STOP_STRINGS = 4
 MIN_TEMPERATURE = 1e-5
@@ -23,7 +23,7 @@ MIN_TEMPERATURE = 1e-5
 @dataclass(frozen=True)
 class Parsed:
     prompt_ids: tuple[int, ...]
-    sampling: Sampling
+    sampling: SamplingParams
     stream: bool
     include_usage: bool
 
@@ -39,7 +39,7 @@ def _get(body: dict, name: str, kinds: tuple[type, ...], default: Any, what: str
     return value
 
 
-def _sampling(body: dict, prompt_len: int, spec: FunctionSpec, default_max: int, vocab: int) -> Sampling:
+def _sampling(body: dict, prompt_len: int, spec: FunctionSpec, default_max: int, vocab: int) -> SamplingParams:
     room = spec.max_model_len - prompt_len
     if room <= 0:
         raise ApiError(
@@ -90,7 +90,7 @@ def _sampling(body: dict, prompt_len: int, spec: FunctionSpec, default_max: int,
     if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in stop_ids):
         raise ApiError(400, f"'stop_token_ids' must be token ids in [0, {vocab})", param="stop_token_ids")
     ignore_eos = _get(body, "ignore_eos", (bool,), False, "a boolean")
-    return Sampling(max_tokens, temperature, top_p, top_k, seed, tuple(stop_ids), tuple(stops), ignore_eos)
+    return SamplingParams(max_tokens, temperature, top_p, top_k, seed, tuple(stop_ids), tuple(stops), ignore_eos)
 
 
 def _stream_flags(body: dict) -> tuple[bool, bool]:

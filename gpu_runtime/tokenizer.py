@@ -13,7 +13,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _Backend
 
-from gpu_runtime.engine.config import ModelFileError
+from modelinfo.config import ModelFileError
 
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 

@@ -9,16 +9,19 @@ from __future__ import annotations
 import numpy as np
 import redis
 
-from invoker import keys
+from protocol import keys
+from protocol.settings import DEFAULTS
 
 
-def bucket_of(ts: float, bucket_s: int = keys.HISTORY_BUCKET_S) -> int:
+def bucket_of(ts: float, bucket_s: int = DEFAULTS.history_bucket_s) -> int:
     return int(ts // bucket_s) * bucket_s
 
 
-def record_arrival(pipe: redis.client.Pipeline, function: str, ts: float) -> None:
+def record_arrival(
+    pipe: redis.client.Pipeline, function: str, ts: float, bucket_s: int = DEFAULTS.history_bucket_s
+) -> None:
     """Queue the count increment on a pipeline the caller executes (sync or async)."""
-    pipe.hincrby(keys.history(function), bucket_of(ts), 1)
+    pipe.hincrby(keys.history(function), bucket_of(ts, bucket_s), 1)
 
 
 def read_counts(
@@ -27,7 +30,7 @@ def read_counts(
     now: float,
     window_s: int,
     windows: int,
-    bucket_s: int = keys.HISTORY_BUCKET_S,
+    bucket_s: int = DEFAULTS.history_bucket_s,
 ) -> np.ndarray:
     """Arrivals per window for the `windows` complete windows before `now`, oldest first; trims expired buckets."""
     raw = r.hgetall(keys.history(function))
@@ -35,7 +38,7 @@ def read_counts(
     start = end - windows * window_s
     counts = np.zeros(windows, dtype=np.float64)
     expired = []
-    horizon = end - keys.HISTORY_RETENTION_BUCKETS * bucket_s
+    horizon = end - DEFAULTS.history_retention_buckets * bucket_s
     for k, v in raw.items():
         t = int(k)
         if t < horizon:
@@ -47,7 +50,7 @@ def read_counts(
     return counts
 
 
-def last_bucket_rate(r: redis.Redis, function: str, now: float, bucket_s: int = keys.HISTORY_BUCKET_S) -> float:
+def last_bucket_rate(r: redis.Redis, function: str, now: float, bucket_s: int = DEFAULTS.history_bucket_s) -> float:
     """Arrivals per second in the last complete bucket (one HGET: cheap enough for every planning round)."""
     count = r.hget(keys.history(function), bucket_of(now, bucket_s) - bucket_s)
     return int(count or 0) / bucket_s

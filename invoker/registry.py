@@ -9,7 +9,7 @@ from __future__ import annotations
 import redis
 
 from functions.spec import FunctionSpec
-from invoker import keys
+from protocol import keys
 
 
 class Registry:

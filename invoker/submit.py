@@ -12,22 +12,21 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import redis
 import redis.asyncio as aredis
 from rq import Queue
 
 from functions.spec import FunctionSpec
-from invoker import control, history, keys
-from invoker.schemas import Invocation, WorkerInfo, parse_event
-from invoker.states import SERVABLE
+from invoker import history
+from protocol import keys
+from protocol.messages import Done, Event, Failed, Invocation, Restart, Start, Token, WorkerInfo, decode_event
+from protocol.settings import Settings
+from protocol.states import ControlAction
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_TIMEOUT_S = 5.0  # a worker silent this long is dead: its claimed invocations are re-delivered
-ROUTING_LOCK_S = 10
-REROUTE_AFTER_S = 3.0  # a request that has seen no event this long re-checks that some live worker hosts it
+Answer = Event | Restart
 
 
 class QueueFull(Exception):
@@ -40,16 +39,16 @@ class NoWorkers(Exception):
     pass
 
 
-async def live_workers(r: aredis.Redis) -> list[WorkerInfo]:
+async def live_workers(r: aredis.Redis, settings: Settings) -> list[WorkerInfo]:
     """Workers whose heartbeat is fresh, with what they last reported."""
-    ids = await r.zrangebyscore(keys.WORKERS, time.time() - HEARTBEAT_TIMEOUT_S, "+inf")
+    ids = await r.zrangebyscore(keys.WORKERS, time.time() - settings.heartbeat_timeout_s, "+inf")
     infos = await asyncio.gather(*(r.hget(keys.worker(i.decode()), "info") for i in ids))
     return [WorkerInfo.from_json(raw) for raw in infos if raw]
 
 
-def live_workers_sync(r: redis.Redis) -> list[WorkerInfo]:
+def live_workers_sync(r: redis.Redis, settings: Settings) -> list[WorkerInfo]:
     """`live_workers` for synchronous callers (the warmer)."""
-    ids = r.zrangebyscore(keys.WORKERS, time.time() - HEARTBEAT_TIMEOUT_S, "+inf")
+    ids = r.zrangebyscore(keys.WORKERS, time.time() - settings.heartbeat_timeout_s, "+inf")
     with r.pipeline(transaction=False) as p:
         for i in ids:
             p.hget(keys.worker(i.decode()), "info")
@@ -58,9 +57,10 @@ def live_workers_sync(r: redis.Redis) -> list[WorkerInfo]:
 
 
 class InvokerClient:
-    def __init__(self, r: aredis.Redis, sync_redis: redis.Redis) -> None:
+    def __init__(self, r: aredis.Redis, sync_redis: redis.Redis, settings: Settings) -> None:
         self.r = r
         self.sync_redis = sync_redis  # RQ is synchronous; its enqueues run in a thread
+        self.settings = settings
 
     async def queue_depth(self, function: str) -> int:
         return int(await self.r.xlen(keys.invocations(function)))
@@ -70,37 +70,39 @@ class InvokerClient:
         depth = await self.queue_depth(spec.name)
         if depth >= spec.scaling.max_queue:
             raise QueueFull(spec.name, depth, spec.scaling.max_queue, retry_after_s=max(1, depth // 50))
-        workers = await live_workers(self.r)
+        workers = await live_workers(self.r, self.settings)
         if not workers:
             raise NoWorkers("no live worker is registered; start one with `warmserve worker`")
         async with self.r.pipeline(transaction=False) as p:
             p.xadd(keys.invocations(spec.name), inv.to_fields())
-            history.record_arrival(p, spec.name, inv.created)
+            history.record_arrival(p, spec.name, inv.created, self.settings.history_bucket_s)
             await p.execute()
         await self.ensure_routed(spec, workers)
 
     async def ensure_routed(self, spec: FunctionSpec, workers: list[WorkerInfo] | None = None) -> None:
         """Make sure enough live workers hold `spec` WARM/HOT; send activate jobs when they don't."""
-        workers = await live_workers(self.r) if workers is None else workers
-        hosting = [w for w in workers if w.models.get(spec.name) in SERVABLE]
+        workers = await live_workers(self.r, self.settings) if workers is None else workers
+        hosting = [w for w in workers if spec.name in w.models and w.models[spec.name].servable]
         want = min(max(1, spec.scaling.min_instances), spec.scaling.max_instances, len(workers))
         if len(hosting) >= want:
             return
-        if not await self.r.set(keys.routing_lock(spec.name), b"1", nx=True, ex=ROUTING_LOCK_S):
+        if not await self.r.set(keys.routing_lock(spec.name), b"1", nx=True, ex=self.settings.routing_lock_s):
             return  # another gateway (or an earlier request) already asked
         others = sorted((w for w in workers if w not in hosting), key=lambda w: -w.free_bytes)
         for w in others[: want - len(hosting)]:
             log.info("routing cold function %s to worker %s (activate)", spec.name, w.worker_id)
-            await asyncio.to_thread(send_control, self.sync_redis, w.worker_id, "activate", spec.name)
+            await asyncio.to_thread(
+                send_control, self.sync_redis, w.worker_id, ControlAction.ACTIVATE, spec.name, self.settings
+            )
 
     async def events(
         self, spec: FunctionSpec, request_id: str, timeout_s: float, restartable: bool = False
-    ) -> AsyncIterator[dict[str, Any]]:
-        """Yield the request's events in order, each token position once, ending with 'done' or 'error'.
+    ) -> AsyncIterator[Answer]:
+        """Yield the request's events in order, each token position once, ending with `Done` or `Failed`.
 
         A re-delivered invocation starts again at position 0 on another worker. When nothing has reached the
-        client yet (`restartable`: a non-streamed answer), the re-run replaces the partial answer: a 'restart'
-        event says so. Otherwise positions already sent are skipped, and the client sees one complete answer.
+        client yet (`restartable`: a non-streamed answer), the re-run replaces the partial answer: a `Restart`
+        says so. Otherwise positions already sent are skipped, and the client sees one complete answer.
         """
         key = keys.response(request_id)
         last_id, next_pos, starts = "0", 0, 0
@@ -111,31 +113,27 @@ class InvokerClient:
                 now = time.monotonic()
                 if not got:
                     if now - start > timeout_s:
-                        yield {
-                            "type": "error",
-                            "status": 504,
-                            "message": f"no answer within {timeout_s:.0f} s",
-                        }
+                        yield Failed(504, f"function '{spec.name}' gave no answer within {timeout_s:.0f} s")
                         return
-                    if now - last_event > REROUTE_AFTER_S:
+                    if now - last_event > self.settings.reroute_after_s:
                         last_event = now
                         await self.ensure_routed(spec)
                     continue
                 last_event = now
                 for entry_id, fields in got[0][1]:
                     last_id = entry_id
-                    ev = parse_event(fields)
-                    if ev["type"] == "start":
+                    ev = decode_event(fields)
+                    if isinstance(ev, Start):
                         starts += 1
                         if starts > 1 and restartable:
                             next_pos = 0
-                            yield {"type": "restart", "worker": ev.get("worker")}
-                    elif ev["type"] == "token":
-                        if ev["pos"] != next_pos:
+                            yield Restart(ev.worker)
+                    elif isinstance(ev, Token):
+                        if ev.pos != next_pos:
                             continue  # a re-execution replaying positions the client already has
                         next_pos += 1
                     yield ev
-                    if ev["type"] in ("done", "error"):
+                    if isinstance(ev, Done | Failed):
                         return
         finally:
             await self.r.delete(key)
@@ -145,9 +143,14 @@ class InvokerClient:
         await self.r.publish(keys.CANCEL_CHANNEL, request_id)
 
 
-def send_control(r: redis.Redis, worker_id: str, action: str, function: str) -> str:
-    """Enqueue one control job on a worker's RQ queue; returns the job id."""
+def send_control(r: redis.Redis, worker_id: str, action: ControlAction, function: str, settings: Settings) -> str:
+    """Enqueue one control job on a worker's RQ queue (by import path: no worker code here); returns the job id."""
     job = Queue(keys.control_queue(worker_id), connection=r).enqueue(
-        control.apply, action, function, job_timeout=600, result_ttl=3600, failure_ttl=24 * 3600
+        keys.CONTROL_JOB,
+        ControlAction(action).value,
+        function,
+        job_timeout=settings.control_job_timeout_s,
+        result_ttl=3600,
+        failure_ttl=24 * 3600,
     )
     return job.id

@@ -11,7 +11,8 @@ import torch
 from engine_models import build_model, hf_greedy, prompts
 
 from gpu_runtime import Engine, ModelFileError, SamplingParams
-from gpu_runtime.weights import ALIGN, load_weights, plan_weights
+from gpu_runtime.weights import load_weights, plan_weights
+from modelinfo.config import ALIGN
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import openai
 import pytest
 import redis
 
-from invoker import keys
+from protocol import keys
 
 FN = "e2e-tiny"
 

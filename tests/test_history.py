@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from invoker import history, keys
+from invoker import history
+from protocol import keys
+from protocol.settings import DEFAULTS
 
 
 def test_counts_per_window(r):
@@ -15,12 +17,12 @@ def test_counts_per_window(r):
     # windows [now-1200, now-900) ... [now-300, now): now-10 and twice now-70 fall in the last, now-400 in the
     # third, now-3600 before the first
     assert counts.tolist() == [0, 0, 1, 3]
-    assert history.last_bucket_rate(r, "f", now + 1) == 1 / keys.HISTORY_BUCKET_S  # bucket [now-60, now): now-10
+    assert history.last_bucket_rate(r, "f", now + 1) == 1 / DEFAULTS.history_bucket_s  # bucket [now-60, now): now-10
 
 
 def test_old_buckets_are_trimmed(r):
     now = 2_000_000_000.0
-    ancient = now - (keys.HISTORY_RETENTION_BUCKETS + 10) * keys.HISTORY_BUCKET_S
+    ancient = now - (DEFAULTS.history_retention_buckets + 10) * DEFAULTS.history_bucket_s
     with r.pipeline() as p:
         history.record_arrival(p, "g", ancient)
         history.record_arrival(p, "g", now - 5)

@@ -7,9 +7,10 @@ import time
 from rq import Queue
 
 from functions.spec import parse_spec
-from invoker import history, keys
+from invoker import history
 from invoker.registry import Registry
-from invoker.schemas import WorkerInfo
+from protocol import keys
+from protocol.messages import WorkerInfo
 from warmer.loop import Warmer
 
 GIB = 1 << 30

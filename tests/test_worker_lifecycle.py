@@ -10,7 +10,7 @@ import pytest
 import redis
 from conftest import start_stack, wait_for
 
-from invoker import keys
+from protocol import keys
 
 FN = "lifecycle"
 

@@ -48,13 +48,15 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import create_app
+    from protocol.settings import Settings
 
-    uvicorn.run(create_app(args.redis, args.request_timeout), host=args.host, port=args.port, log_level="warning")
+    settings = Settings.from_env(**({"request_timeout_s": args.request_timeout} if args.request_timeout else {}))
+    uvicorn.run(create_app(args.redis, settings), host=args.host, port=args.port, log_level="warning")
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from invoker.worker import Worker
+    from worker.process import Worker
 
     memory = {}
     if args.gpu_bytes:
@@ -66,9 +68,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_warmer(args: argparse.Namespace) -> int:
+    from protocol.settings import Settings
     from warmer.loop import run_warmer
 
-    run_warmer(args.redis, interval_s=args.interval)
+    run_warmer(args.redis, Settings.from_env(**({"warmer_interval_s": args.interval} if args.interval else {})))
     return 0
 
 
@@ -183,7 +186,7 @@ def parser() -> argparse.ArgumentParser:
     gw.add_argument("--redis", default=DEFAULT_REDIS)
     gw.add_argument("--host", default="127.0.0.1")
     gw.add_argument("--port", type=int, default=8000)
-    gw.add_argument("--request-timeout", type=float, default=300.0)
+    gw.add_argument("--request-timeout", type=float, default=None, help="seconds (default: settings)")
     gw.set_defaults(fn=cmd_gateway)
 
     wk = sub.add_parser("worker", help="run one worker for one device")
@@ -196,7 +199,7 @@ def parser() -> argparse.ArgumentParser:
 
     wm = sub.add_parser("warmer", help="run the predictive warmer")
     wm.add_argument("--redis", default=DEFAULT_REDIS)
-    wm.add_argument("--interval", type=float, default=5.0, help="seconds between plans")
+    wm.add_argument("--interval", type=float, default=None, help="seconds between plans (default: settings)")
     wm.set_defaults(fn=cmd_warmer)
 
     # `sim` hands all its arguments to the simulator's own parser (see main)

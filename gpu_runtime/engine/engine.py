@@ -15,7 +15,6 @@ import torch
 
 from gpu_runtime.allocator import Allocator, TorchAllocator
 from gpu_runtime.engine.block_manager import BlockManager
-from gpu_runtime.engine.config import ModelConfig, load_model_config
 from gpu_runtime.engine.model import LlamaModel
 from gpu_runtime.engine.model_runner import ModelRunner
 from gpu_runtime.engine.sampler import sample
@@ -29,10 +28,12 @@ from gpu_runtime.engine.sequence import (
     validate_prompt,
 )
 from gpu_runtime.weights import WeightLayout, load_weights, plan_weights
+from modelinfo.config import DTYPE_BYTES, ModelConfig, load_model_config
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The serving dtypes (modelinfo.DTYPE_BYTES names them) as torch dtypes.
+DTYPES = {name: getattr(torch, name) for name in DTYPE_BYTES}
 
 # Default KV size on CPU (tests, CI): plenty for small models, bounded for big ones.
 CPU_KV_BYTES = 512 * 1024 * 1024

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from gpu_runtime.engine.attention import AttnMeta, decode_attention, prefill_attention
-from gpu_runtime.engine.config import ModelConfig
 from gpu_runtime.engine.ops import add_rms_norm, linear, qkv_rope_store, silu_and_mul
 from gpu_runtime.weights import WeightLayout
+from modelinfo.config import ModelConfig
 
 
 @dataclass

@@ -18,9 +18,9 @@ import time
 import torch
 
 from gpu_runtime.engine.attention import AttnMeta, PrefillSeq
-from gpu_runtime.engine.config import ModelConfig
 from gpu_runtime.engine.model import LlamaModel
 from gpu_runtime.engine.scheduler import Batch
+from modelinfo.config import ModelConfig
 
 log = logging.getLogger(__name__)
 

@@ -4,45 +4,25 @@ from __future__ import annotations
 
 import enum
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to pick tokens for one request. ``temperature=0`` is greedy; ``top_k<=0`` and ``top_p=1`` disable
-    those filters; ``seed`` makes sampling reproducible per request; ``ignore_eos`` keeps going past eos
-    (benchmarks on random weights)."""
-
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = field(default=())
-    ignore_eos: bool = False
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids or ()))
-        if self.max_tokens < 1:
-            raise ValueError(f"SamplingParams.max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+from protocol.errors import InvalidRequest
+from protocol.messages import SamplingParams
 
 
 def validate_prompt(request_id: str, prompt_ids: list[int], vocab: int, max_model_len: int) -> None:
-    """ValueError unless the prompt is non-empty token ids of the vocabulary leaving room for one more token."""
+    """InvalidRequest (a ValueError: the client's mistake, answered 400) unless the prompt is non-empty token
+    ids of the vocabulary leaving room for one more token."""
     if not prompt_ids:
-        raise ValueError(f"request {request_id}: empty prompt")
+        raise InvalidRequest(f"request {request_id}: empty prompt")
     if len(prompt_ids) >= max_model_len:
-        raise ValueError(
+        raise InvalidRequest(
             f"request {request_id}: prompt of {len(prompt_ids)} tokens leaves no room (max_model_len {max_model_len})"
         )
     if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
-        raise ValueError(f"request {request_id}: token id out of range [0, {vocab})")
+        raise InvalidRequest(f"request {request_id}: token id out of range [0, {vocab})")
 
 
 class RequestInbox:

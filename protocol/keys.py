@@ -16,11 +16,12 @@ FUNCTIONS_VERSION = f"{PREFIX}:functions:version"
 WORKERS = f"{PREFIX}:workers"
 # Consumer group every worker joins on each invocation stream.   redis-cli XINFO GROUPS ws:inv:<fn>
 GROUP = "workers"
-# Warmer's persisted state (last plan time, per-function keep-alive marks).  redis-cli HGETALL ws:warmer
+# The warmer's memory: field "<action>:<function>:<worker>" -> when it sent that control job (so a failing one is
+# retried once a minute, not every round), and field "last_plan" -> {"at", "sent"} of its last round.
+# redis-cli HGETALL ws:warmer
 WARMER_STATE = f"{PREFIX}:warmer"
-# Seconds per arrival-history bucket and how many buckets are kept.
-HISTORY_BUCKET_S = 60
-HISTORY_RETENTION_BUCKETS = 14 * 24 * 60
+# The RQ job every control action runs as, by import path (RQ pickles the path, not the code).
+CONTROL_JOB = "worker.control.apply"
 
 
 def invocations(function: str) -> str:

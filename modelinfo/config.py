@@ -1,7 +1,9 @@
-"""Model and engine configuration, read from a Hugging Face ``config.json``.
+"""A model's shape, read from a Hugging Face ``config.json``, and what it costs in memory.
 
 One ``ModelConfig`` covers the Llama family: Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5 and Qwen3 differ only in a
 few switches (qkv bias, q/k norm, rope scaling, tied embeddings), so one model implementation serves them all.
+Its byte counts (weights and KV per token in a serving dtype) are what the memory pool reserves, so the spec
+check, the warmer and the simulator size models exactly as the worker will.
 """
 
 from __future__ import annotations
@@ -16,6 +18,11 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
 }
+
+
+# Serving dtypes a function may name, and their bytes per element.
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+ALIGN = 256  # every contiguous group of tensors starts at a multiple of this in the weight buffer
 
 
 class ModelFileError(ValueError):
@@ -49,6 +56,76 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_key_value_heads * self.head_dim
 
+    def kv_bytes_per_token(self, dtype: str) -> int:
+        """K and V of one token across all layers, in the serving dtype."""
+        return 2 * self.num_hidden_layers * self.kv_size * dtype_bytes(dtype)
+
+    def weight_bytes(self, dtype: str) -> int:
+        """The model's weight buffer in the serving dtype, as the worker lays it out (aligned groups)."""
+        offset = 0
+        for group in required_tensors(self):
+            offset = -(-offset // ALIGN) * ALIGN
+            for name in group:
+                n = 1
+                for x in expected_shape(self, name):
+                    n *= x
+                offset += n * dtype_bytes(dtype)
+        return -(-offset // ALIGN) * ALIGN
+
+
+def dtype_bytes(dtype: str) -> int:
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPE_BYTES)}")
+    return DTYPE_BYTES[dtype]
+
+
+def required_tensors(cfg: ModelConfig) -> list[list[str]]:
+    """The tensors the engine needs, in buffer order, as groups that must be contiguous."""
+    groups: list[list[str]] = [["model.embed_tokens.weight"]]
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        groups.append([p + "input_layernorm.weight"])
+        groups.append([p + f"self_attn.{x}_proj.weight" for x in "qkv"])
+        if cfg.attention_bias:
+            groups.append([p + f"self_attn.{x}_proj.bias" for x in "qkv"])
+        if cfg.qk_norm:
+            groups += [[p + "self_attn.q_norm.weight"], [p + "self_attn.k_norm.weight"]]
+        groups.append([p + "self_attn.o_proj.weight"])
+        groups.append([p + "post_attention_layernorm.weight"])
+        groups.append([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"])
+        groups.append([p + "mlp.down_proj.weight"])
+    groups.append(["model.norm.weight"])
+    if not cfg.tie_word_embeddings:
+        groups.append(["lm_head.weight"])
+    return groups
+
+
+def expected_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
+    """The shape config.json implies for one of the `required_tensors`."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    table = {
+        "embed_tokens.weight": (cfg.vocab_size, h),
+        "lm_head.weight": (cfg.vocab_size, h),
+        "q_proj.weight": (cfg.q_size, h),
+        "k_proj.weight": (cfg.kv_size, h),
+        "v_proj.weight": (cfg.kv_size, h),
+        "q_proj.bias": (cfg.q_size,),
+        "k_proj.bias": (cfg.kv_size,),
+        "v_proj.bias": (cfg.kv_size,),
+        "o_proj.weight": (h, cfg.q_size),
+        "gate_proj.weight": (cfg.intermediate_size, h),
+        "up_proj.weight": (cfg.intermediate_size, h),
+        "down_proj.weight": (h, cfg.intermediate_size),
+        "q_norm.weight": (d,),
+        "k_norm.weight": (d,),
+        "layernorm.weight": (h,),
+        "norm.weight": (h,),
+    }
+    for suffix, shape in table.items():
+        if name.endswith(suffix):
+            return shape
+    raise KeyError(f"no expected shape for tensor {name!r}")
+
 
 def _read_json(path: str) -> dict:
     if not os.path.isfile(path):
@@ -74,7 +151,17 @@ def _eos_ids(value) -> tuple[int, ...]:
 def load_model_config(model_dir: str) -> ModelConfig:
     """Parse ``config.json`` (and ``generation_config.json`` for eos ids, which wins when present)."""
     path = os.path.join(model_dir, "config.json")
-    raw = _read_json(path)
+    cfg = config_from_dict(_read_json(path), path)
+    gen_path = os.path.join(model_dir, "generation_config.json")
+    if os.path.isfile(gen_path):
+        gen_eos = _eos_ids(_read_json(gen_path).get("eos_token_id"))
+        if gen_eos:
+            cfg = ModelConfig(**{**cfg.__dict__, "eos_token_ids": gen_eos})
+    return cfg
+
+
+def config_from_dict(raw: dict, path: str = "config.json") -> ModelConfig:
+    """A ``ModelConfig`` from the decoded ``config.json`` (the simulator builds its model shapes this way)."""
     archs = raw.get("architectures") or []
     arch = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
     if not archs and raw.get("model_type") in ARCHITECTURES.values():
@@ -121,11 +208,6 @@ def load_model_config(model_dir: str) -> ModelConfig:
         raise ModelFileError(f"{path}: bad field value ({e})") from e
     if cfg.num_attention_heads % cfg.num_key_value_heads:
         raise ModelFileError(f"{path}: num_attention_heads must be a multiple of num_key_value_heads")
-    gen_path = os.path.join(model_dir, "generation_config.json")
-    if os.path.isfile(gen_path):
-        gen_eos = _eos_ids(_read_json(gen_path).get("eos_token_id"))
-        if gen_eos:
-            cfg = ModelConfig(**{**cfg.__dict__, "eos_token_ids": gen_eos})
     return cfg
 
 

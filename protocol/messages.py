@@ -1,0 +1,165 @@
+"""Messages that cross process boundaries through Redis, each defined once.
+
+An `Invocation` travels gateway -> worker as one entry of the function's stream. Its answer travels worker ->
+gateway as typed events on a per-request stream: `Start`, then `Token`s (each with its position), then `Done`
+or `Failed`. Positions let a client that reads an answer re-executed after a worker died see each position once
+(the gateway fixes a sampling seed per request, so a re-execution regenerates the same tokens).
+`SamplingParams` is the one sampling type from the gateway, through Redis, into the engine.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import orjson
+
+from protocol.states import ModelState
+
+
+class FinishReason(StrEnum):
+    STOP = "stop"  # eos, a stop token or a stop string
+    LENGTH = "length"  # max_tokens or the model's length limit
+    ABORT = "abort"  # cancelled: the client went away or the function was removed
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request. ``temperature=0`` is greedy; ``top_k<=0`` and ``top_p=1`` disable
+    those filters; ``seed`` makes sampling reproducible per request (the gateway always sets one); ``stop``
+    strings are matched by the worker on detokenized text; ``ignore_eos`` keeps going past eos (vLLM's
+    extension, for benchmarks on random weights)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids or ()))
+        object.__setattr__(self, "stop", tuple(self.stop or ()))
+        if self.max_tokens < 1:
+            raise ValueError(f"SamplingParams.max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True)
+class Invocation:
+    request_id: str
+    function: str
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingParams
+    created: float = field(default_factory=time.time)
+
+    def to_fields(self) -> dict[str, bytes]:
+        return {"inv": orjson.dumps(asdict(self))}
+
+    @classmethod
+    def from_fields(cls, fields: dict[bytes, bytes]) -> Invocation:
+        """Decode a stream entry; KeyError / ValueError / TypeError when it is malformed."""
+        raw = orjson.loads(fields[b"inv"])
+        if not isinstance(raw, dict) or not isinstance(raw.get("sampling"), dict):
+            raise ValueError("invocation is not an object with a 'sampling' object")
+        return cls(
+            request_id=str(raw["request_id"]),
+            function=str(raw["function"]),
+            prompt_ids=tuple(int(t) for t in raw["prompt_ids"]),
+            sampling=SamplingParams(**raw["sampling"]),
+            created=float(raw["created"]),
+        )
+
+
+# ---- the answer stream ----
+@dataclass(frozen=True)
+class Start:
+    """A worker began generating (again, after a re-delivery)."""
+
+    worker: str
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class Token:
+    """One generated token and the text it completes. `id` is -1 for text held back until the end (the tail
+    that could have grown into a stop string)."""
+
+    pos: int
+    id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Done:
+    finish_reason: FinishReason
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The request ended without an answer. `status` is the HTTP status the client gets: 4xx for its own
+    mistake, 5xx for a fault on our side (the message then names the function and the cause)."""
+
+    status: int
+    message: str
+
+
+@dataclass(frozen=True)
+class Restart:
+    """Not on the wire: the gateway's reader says a re-delivered invocation started over, so a partial
+    non-streamed answer must be dropped."""
+
+    worker: str
+
+
+Event = Start | Token | Done | Failed
+_EVENT_TYPES: dict[str, type] = {"start": Start, "token": Token, "done": Done, "error": Failed}
+_EVENT_NAMES = {cls: name for name, cls in _EVENT_TYPES.items()}
+
+
+def encode_event(ev: Event) -> dict[str, bytes]:
+    """One response-stream entry: {'ev': json with a 'type' of start / token / done / error}."""
+    return {"ev": orjson.dumps({"type": _EVENT_NAMES[type(ev)], **asdict(ev)})}
+
+
+def decode_event(fields: dict[bytes, bytes]) -> Event:
+    raw = orjson.loads(fields[b"ev"])
+    kind = _EVENT_TYPES[raw.pop("type")]
+    if kind is Done:
+        raw["finish_reason"] = FinishReason(raw["finish_reason"])
+    return kind(**raw)
+
+
+@dataclass
+class WorkerInfo:
+    """What a worker publishes about itself on every heartbeat (hash ws:worker:<id>, field 'info')."""
+
+    worker_id: str
+    host: str
+    device: str
+    total_bytes: int
+    free_bytes: int
+    lendable_kv_bytes: int
+    models: dict[str, ModelState]  # function name -> state
+    inflight: dict[str, int]  # function name -> running requests
+    last_used: dict[str, float]  # function name -> when a request last started or finished here (unix s)
+    started: float
+    heartbeat: float
+    counters: dict[str, int] = field(default_factory=dict)  # re-deliveries, cancels, failures by status
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, data: bytes) -> WorkerInfo:
+        raw: dict[str, Any] = orjson.loads(data)
+        raw["models"] = {fn: ModelState(s) for fn, s in raw["models"].items()}
+        return cls(**raw)

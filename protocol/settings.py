@@ -1,0 +1,62 @@
+"""Every tunable of the serving platform in one object, documented here and nowhere else.
+
+Processes must agree on several of these (a worker heart-beats every `heartbeat_s`; gateways and other workers
+call it dead after `heartbeat_timeout_s`), so each process builds one `Settings` the same way: the defaults
+below, overridden by environment variables named `WARMSERVE_<FIELD>` in upper case
+(`WARMSERVE_HEARTBEAT_TIMEOUT_S=10`). The simulator takes the warmer's fields from the same object, so it plans
+with the forecaster and the time constants production runs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+
+
+@dataclass(frozen=True)
+class Settings:
+    # ---- liveness ----
+    heartbeat_s: float = 1.0  # a worker publishes its report (WorkerInfo) this often
+    heartbeat_timeout_s: float = 5.0  # a worker silent this long is dead: its claimed invocations are re-delivered
+    # ---- the worker ----
+    registry_check_s: float = 0.5  # how often a worker looks for deploys and removals
+    response_ttl_s: int = 600  # an answer stream nobody reads expires instead of piling up
+    max_inflight_per_function: int = 64  # a worker stops reading a function's stream at this many running requests
+    read_batch: int = 16  # invocations taken per XREADGROUP
+    kv_seqs: int = 8  # KV a HOT model reserves: this many sequences at its max_model_len
+    # ---- the gateway and the router ----
+    request_timeout_s: float = 300.0  # a request with no answer by then gets 504
+    max_body_bytes: int = 4 << 20  # request bodies over this get 413
+    routing_lock_s: int = 10  # after an activate for a cold function, no other is sent for this long
+    reroute_after_s: float = 3.0  # a waiting request that has seen no event this long re-checks its routing
+    control_job_timeout_s: int = 600  # RQ kills a control job (a load) running longer than this
+    # ---- the warmer (and the simulator's warmserve policy) ----
+    warmer_interval_s: float = 5.0  # one planning round this often
+    forecast_method: str = "blend"  # see warmer.forecast.METHODS and docs/forecasting.md
+    window_s: int = 300  # forecast window (WarmServe's 5 minutes)
+    lead_s: float = 60.0  # act on the next window's forecast this long before it begins
+    history_windows: int = 8 * 24 * 12  # windows of history read: same time yesterday and a week ago
+    resend_after_s: float = 60.0  # an action not reflected in the cluster after this long is sent again
+    capacity_rps: float = 4.0  # requests/s one HOT instance absorbs within its SLO (until calibrated)
+    # ---- arrival history (gateway writes, warmer reads) ----
+    history_bucket_s: int = 60
+    history_retention_buckets: int = 14 * 24 * 60
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
+        """Defaults, then `WARMSERVE_<FIELD>` variables, then `overrides`; ValueError names a bad variable."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = environ.get(f"WARMSERVE_{f.name.upper()}")
+            if raw is None:
+                continue
+            kind = type(getattr(DEFAULTS, f.name))
+            try:
+                values[f.name] = kind(raw)
+            except ValueError:
+                raise ValueError(f"WARMSERVE_{f.name.upper()}={raw!r}: expected {kind.__name__}") from None
+        return replace(DEFAULTS, **values, **overrides)
+
+
+DEFAULTS = Settings()

@@ -1,0 +1,224 @@
+"""The worker process: its threads, heartbeat, control jobs, and a clean start and stop.
+
+Threads, and why each exists:
+- main: RQ SimpleWorker on this worker's control queue (RQ installs signal handlers, so it must be the main
+  thread); control jobs move models between COLD/HOST/WARM/HOT through `Models`;
+- consumer: reads invocations of every function this worker holds WARM/HOT and re-claims orphans;
+- engine: steps every HOT engine that has work and streams tokens (`Streamer`);
+- heartbeat: refreshes liveness and the WorkerInfo the router, warmer and `warmserve status` read;
+- cancels: aborts requests whose client went away.
+They share three things, each guarding itself: the `RunningTable`, `Models` (a lock per function plus a short
+lock for its dicts; the memory pool lets one model load while others serve), and the spec cache (`_specs_lock`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from rq import Queue
+from rq.exceptions import StopRequested
+
+from functions.spec import FunctionSpec
+from gpu_runtime.memory import ModelHost
+from invoker.registry import Registry
+from protocol import keys
+from protocol.messages import WorkerInfo
+from protocol.settings import Settings
+from protocol.states import ControlAction, ModelState
+from worker import control
+from worker.consumer import Consumer
+from worker.models import Models, identity
+from worker.running import Counters, RunningTable
+from worker.streamer import Streamer
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    def __init__(
+        self,
+        redis_url: str,
+        device: str = "cpu",
+        worker_id: str | None = None,
+        settings: Settings | None = None,
+        host: ModelHost | None = None,
+        **memory: Any,
+    ) -> None:
+        self.settings = settings or Settings.from_env()
+        self.r = redis.Redis.from_url(redis_url)
+        self.redis_url = redis_url
+        self.device = device
+        self.worker_id = worker_id or f"{socket.gethostname()}-{device.replace(':', '')}-{uuid.uuid4().hex[:6]}"
+        self.registry = Registry(self.r)
+        self.models = Models(device, self.settings, host, **memory)
+        self.running = RunningTable()
+        self.counters = Counters()
+        self.streamer = Streamer(
+            self.r, self.settings, self.worker_id, self.models, self.running, self.counters, self.spec
+        )
+        self.consumer = Consumer(
+            self.r, self.settings, self.worker_id, self.running, self.counters, self.streamer.start,
+            self.streamer.cancel,
+        )  # fmt: skip
+        self._specs: dict[str, FunctionSpec] = {}
+        self._specs_version = -1
+        self._specs_checked = 0.0
+        self._specs_lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.started = time.time()
+        self.threads: list[threading.Thread] = []
+
+    # ---- control jobs (RQ main thread) ----
+    def apply_control(self, action: ControlAction, function: str) -> ModelState:
+        spec = self.spec(function)
+        if spec is None:
+            raise ValueError(f"function '{function}' is not deployed")
+        with self.models.lock(function):
+            busy = len(self.running.of(function))
+            if action in (ControlAction.DEACTIVATE, ControlAction.EVICT) and busy:
+                raise RuntimeError(f"'{function}' has {busy} running requests; not moving it")
+            state = self.models.apply(action, spec)
+        if state.servable:  # let the next cold request route at once instead of waiting out the lock
+            self.r.delete(keys.routing_lock(function))
+        self.publish_info()
+        return state
+
+    # ---- registry ----
+    def spec(self, function: str) -> FunctionSpec | None:
+        with self._specs_lock:
+            known = self._specs.get(function)
+        if known is None:  # deployed a moment ago, before the periodic check
+            self.refresh_specs()
+            with self._specs_lock:
+                known = self._specs.get(function)
+        return known
+
+    def refresh_specs(self) -> None:
+        """Pick up deploys and removals; retire models whose function is gone or now names another model."""
+        with self._specs_lock:  # the consumer and the control thread both refresh
+            version = self.registry.version()
+            if version == self._specs_version:
+                return
+            old, self._specs, self._specs_version = self._specs, self.registry.all(), version
+            gone = {
+                name: "removed" if name not in self._specs else "redeployed with another model"
+                for name, spec in old.items()
+                if name not in self._specs or identity(self._specs[name]) != identity(spec)
+            }
+        for name, why in gone.items():
+            self.streamer.retire(name, why)
+
+    # ---- heartbeat ----
+    def info(self) -> WorkerInfo:
+        mem = self.models.memory()
+        return WorkerInfo(
+            worker_id=self.worker_id,
+            host=socket.gethostname(),
+            device=self.device,
+            total_bytes=mem["total_bytes"],
+            free_bytes=mem["free_bytes"],
+            lendable_kv_bytes=mem["lendable_kv_bytes"],
+            models=self.models.states(),
+            inflight=self.running.inflight(),
+            last_used=self.running.last_used(),
+            started=self.started,
+            heartbeat=time.time(),
+            counters=self.counters.snapshot(),
+        )
+
+    def publish_info(self) -> None:
+        info = self.info()
+        with self.r.pipeline() as p:
+            p.zadd(keys.WORKERS, {self.worker_id: info.heartbeat})
+            p.hset(keys.worker(self.worker_id), "info", info.to_json())
+            p.expire(keys.worker(self.worker_id), int(self.settings.heartbeat_timeout_s * 4))
+            # workers gone for a minute drop out of the set entirely
+            p.zremrangebyscore(keys.WORKERS, "-inf", info.heartbeat - 60)
+            p.execute()
+
+    # ---- thread bodies ----
+    def heartbeat_once(self) -> None:
+        self.stopping.wait(self.settings.heartbeat_s)
+        self.publish_info()
+
+    def consume_once(self) -> None:
+        now = time.monotonic()
+        if now - self._specs_checked > self.settings.registry_check_s:
+            self._specs_checked = now
+            self.refresh_specs()
+        self.consumer.consume_once(self.models.states(), self.stopping)
+
+    def step_once(self) -> None:
+        self.streamer.step_once()
+
+    def cancels_once(self) -> None:
+        self.consumer.listen_cancels(self.stopping)
+
+    def forever(self, body: Callable[[], None]) -> None:
+        """Run a thread's body until shutdown; an error is logged and retried, never ends the thread."""
+        while not self.stopping.is_set():
+            try:
+                body()
+            except redis.RedisError as exc:
+                log.warning("%s: redis error (%s); retrying in 1 s", body.__name__, exc)
+                self.stopping.wait(1.0)
+            except Exception:
+                log.exception("%s failed; retrying in 1 s", body.__name__)
+                self.stopping.wait(1.0)
+
+    # ---- start and stop ----
+    def start(self) -> None:
+        """Register and start the serving threads (not the control-job loop: see `run`)."""
+        control.bind(self)
+        self.refresh_specs()
+        self.publish_info()
+        log.info("worker %s on %s registered (redis %s)", self.worker_id, self.device, self.redis_url)
+        self.threads = [
+            threading.Thread(target=self.forever, args=(body,), name=body.__name__, daemon=True)
+            for body in (self.heartbeat_once, self.consume_once, self.step_once, self.cancels_once)
+        ]
+        for t in self.threads:
+            t.start()
+
+    def stop(self) -> None:
+        """Stop the threads and leave the cluster: live workers re-deliver what this one had claimed."""
+        self.stopping.set()
+        for t in self.threads:
+            t.join(timeout=5)
+        self.r.zrem(keys.WORKERS, self.worker_id)
+        self.r.delete(keys.worker(self.worker_id))
+        log.info("worker %s stopped", self.worker_id)
+
+    def run(self) -> None:
+        """The process: serving threads, then RQ's control-job loop on the main thread until SIGTERM/SIGINT.
+
+        The signal handlers go in before anything registers, so a signal at any moment stops the process: idle, it
+        leaves at once; during a control job, after the job (a second signal is RQ's cold shutdown)."""
+        queue = Queue(keys.control_queue(self.worker_id), connection=self.r)
+        rq_worker = control.ControlWorker(
+            [queue], connection=self.r, name=f"{self.worker_id}-ctl-{os.getpid()}", stopping=self.stopping
+        )
+
+        def on_signal(signum: int, frame: object) -> None:
+            self.stopping.set()
+            rq_worker.request_stop(signum, frame)  # raises StopRequested unless a job is running
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        try:
+            self.start()
+            if not self.stopping.is_set():
+                rq_worker.work(logging_level="WARNING")
+        except StopRequested:
+            pass
+        finally:
+            self.stop()

@@ -1,0 +1,94 @@
+"""The requests a worker is generating: the one piece of state its consumer, engine and cancel threads share.
+
+Every access goes through `RunningTable`'s lock; a `Running` itself is touched only by the thread that steps its
+engine, except `finished`, which a cancel sets before the request leaves the table.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from gpu_runtime.tokenizer import IncrementalDecoder
+from protocol.messages import Event, Invocation
+
+
+@dataclass
+class Running:
+    """One invocation being generated here."""
+
+    inv: Invocation
+    entry_id: bytes
+    decoder: IncrementalDecoder | None = None  # None for a request that failed before it started
+    text: str = ""  # everything decoded so far (for stop strings)
+    sent_chars: int = 0  # how much of `text` has been turned into events
+    pos: int = 0
+    started: float = field(default_factory=time.time)
+    outbox: list[Event] = field(default_factory=list)  # events not yet written to Redis
+    finished: bool = False
+
+
+class RunningTable:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._runs: dict[str, Running] = {}
+        self._last_used: dict[str, float] = {}  # keep-alive clock per function, read by the warmer
+
+    def add(self, run: Running) -> bool:
+        """False when the request is already running here (an entry claimed twice)."""
+        with self._lock:
+            if run.inv.request_id in self._runs:
+                return False
+            self._runs[run.inv.request_id] = run
+            self._last_used[run.inv.function] = time.time()
+            return True
+
+    def pop(self, request_id: str) -> Running | None:
+        with self._lock:
+            run = self._runs.pop(request_id, None)
+            if run is not None:
+                self._last_used[run.inv.function] = time.time()
+            return run
+
+    def get(self, request_id: str) -> Running | None:
+        with self._lock:
+            return self._runs.get(request_id)
+
+    def all(self) -> list[Running]:
+        with self._lock:
+            return list(self._runs.values())
+
+    def of(self, function: str) -> list[Running]:
+        with self._lock:
+            return [run for run in self._runs.values() if run.inv.function == function]
+
+    def entry_ids(self) -> set[bytes]:
+        with self._lock:
+            return {run.entry_id for run in self._runs.values()}
+
+    def inflight(self) -> dict[str, int]:
+        with self._lock:
+            return dict(Counter(run.inv.function for run in self._runs.values()))
+
+    def last_used(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self._last_used)
+
+
+class Counters:
+    """Events an operator wants counted (re-deliveries, cancels, failures by status), published with every
+    heartbeat in WorkerInfo.counters."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += n
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)

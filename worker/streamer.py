@@ -1,0 +1,231 @@
+"""Turning invocations into answers: start a request on its model's engine, step the engines, detokenize, cut
+at stop strings, and write each request's events to its answer stream.
+
+An invocation leaves its function's stream (XACK + XDEL) only after its whole answer is on the answer stream, so
+a worker that dies mid-answer leaves it pending for another worker to claim. Events wait in a per-request outbox
+until one pipelined write succeeds: if Redis fails, they go with the next flush and no position is skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import redis
+
+from functions.spec import FunctionSpec
+from gpu_runtime.memory import HostCacheFull, ModelLoadError, ModelTooLarge, PoolExhausted
+from gpu_runtime.tokenizer import IncrementalDecoder
+from modelinfo import ModelFileError
+from protocol import keys
+from protocol.errors import NotDeployed, RequestError
+from protocol.messages import Done, Failed, FinishReason, Invocation, Start, Token, encode_event
+from protocol.settings import Settings
+from worker.models import Models
+from worker.running import Counters, Running, RunningTable
+
+log = logging.getLogger(__name__)
+
+
+def hold_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of `text`'s tail that could still grow into a stop string, so it must not be streamed yet."""
+    keep = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                keep = max(keep, n)
+                break
+    return keep
+
+
+def failure(function: str, exc: Exception) -> Failed:
+    """The answer a request gets for `exc`, by cause: 4xx only for the client's own mistake."""
+    if isinstance(exc, RequestError):
+        return Failed(exc.status, str(exc))
+    if isinstance(exc, (PoolExhausted, ModelTooLarge, HostCacheFull)):
+        return Failed(503, f"function '{function}' cannot be brought up on this worker now: {exc}")
+    if isinstance(exc, (ModelLoadError, ModelFileError)):
+        return Failed(500, f"function '{function}': its model files cannot be loaded: {exc}")
+    return Failed(500, f"function '{function}': server error: {type(exc).__name__}: {exc}")
+
+
+class Streamer:
+    def __init__(
+        self,
+        r: redis.Redis,
+        settings: Settings,
+        worker_id: str,
+        models: Models,
+        running: RunningTable,
+        counters: Counters,
+        spec: Callable[[str], FunctionSpec | None],
+    ) -> None:
+        self.r = r
+        self.settings = settings
+        self.worker_id = worker_id
+        self.models = models
+        self.running = running
+        self.counters = counters
+        self.spec = spec
+        self.work = threading.Event()  # set when a request starts, so an idle engine loop wakes at once
+
+    # ---- starting ----
+    def start(self, stream: str, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        """Begin generating one invocation; whatever goes wrong is answered to its client, never raised."""
+        try:
+            inv = Invocation.from_fields(fields)
+        except (KeyError, ValueError, TypeError) as exc:
+            log.error("dropping malformed invocation %s on %s: %s", entry_id, stream, exc)
+            self.counters.add("malformed")
+            self.drop_entry(stream, entry_id)
+            return
+        run = Running(inv, entry_id)
+        if not self.running.add(run):
+            return  # already generating it (claimed twice)
+        spec = self.spec(inv.function)
+        if spec is None:
+            self.fail(run, failure(inv.function, NotDeployed(f"function '{inv.function}' is not deployed")))
+            return
+        try:
+            with self.models.lock(spec.name):
+                engine = self.models.engine_for_request(spec)
+                run.decoder = IncrementalDecoder(self.models.tokenizer(spec), list(inv.prompt_ids))
+                engine.add_request(inv.request_id, list(inv.prompt_ids), inv.sampling)
+        except Exception as exc:  # a model that can't load fails its requests, not the worker
+            answer = failure(spec.name, exc)
+            if answer.status >= 500:
+                log.exception("cannot start %s on %s", inv.request_id, inv.function)
+            self.fail(run, answer)
+            return
+        self.write(run, [Start(self.worker_id, len(inv.prompt_ids))], finished=False)
+        self.work.set()
+
+    # ---- generating ----
+    def step_once(self) -> None:
+        """Step every HOT engine that has work once (round robin over models), then publish their tokens."""
+        busy = False
+        for fn in {run.inv.function for run in self.running.all()}:
+            with self.models.lock(fn):
+                engine = self.models.hot_engine(fn)
+                if engine is None or not engine.has_unfinished():
+                    continue
+                busy = True
+                try:
+                    outs = engine.step()
+                except Exception as exc:
+                    log.exception("engine step failed for %s", fn)
+                    self.fail_function(fn, Failed(500, f"function '{fn}': engine failure: {exc}"))
+                    continue
+            self.collect(outs)
+        self.flush()
+        if not busy:
+            self.work.wait(0.01 if self.running.all() else 0.05)
+            self.work.clear()
+
+    def collect(self, outs: list) -> None:
+        """Turn engine outputs into events in each request's outbox (positions advance here, once)."""
+        for out in outs:
+            run = self.running.get(out.request_id)
+            if run is None or run.finished:
+                continue
+            finished, reason = out.finished, out.finish_reason
+            stops = run.inv.sampling.stop
+            longest = max((len(s) for s in stops), default=0)
+            for tok in out.new_token_ids:
+                run.text += run.decoder.push([tok])
+                start = max(0, run.sent_chars - longest)  # a stop can only begin in the text not yet sent
+                hit = min((i for i in (run.text.find(s, start) for s in stops) if i >= 0), default=-1)
+                if hit >= 0:
+                    run.text, finished, reason = run.text[:hit], True, FinishReason.STOP
+                limit = len(run.text) if finished else len(run.text) - hold_back(run.text, stops)
+                delta = run.text[run.sent_chars : max(limit, run.sent_chars)]
+                run.sent_chars += len(delta)
+                run.outbox.append(Token(run.pos, tok, delta))
+                run.pos += 1
+                if hit >= 0:
+                    break
+            if finished:
+                if not out.finished:  # a stop string ended it: the engine must stop too
+                    self.abort_in_engine(run)
+                if run.sent_chars < len(run.text):
+                    run.outbox.append(Token(run.pos, -1, run.text[run.sent_chars :]))
+                run.outbox.append(Done(FinishReason(reason or FinishReason.STOP), run.pos))
+                run.finished = True
+
+    def flush(self) -> None:
+        """Write every outbox in one round trip; only then are finished invocations acknowledged."""
+        runs = [run for run in self.running.all() if run.outbox]
+        if not runs:
+            return
+        ttl = self.settings.response_ttl_s
+        with self.r.pipeline(transaction=False) as p:
+            for run in runs:
+                for ev in run.outbox:
+                    p.xadd(keys.response(run.inv.request_id), encode_event(ev))
+                if run.finished:
+                    p.expire(keys.response(run.inv.request_id), ttl)
+            p.execute()
+        for run in runs:
+            run.outbox.clear()
+            if run.finished:
+                self.ack(run)
+
+    # ---- ending ----
+    def write(self, run: Running, events: list, finished: bool) -> None:
+        """Write events for one request now (outside the engine loop's batching)."""
+        with self.r.pipeline(transaction=False) as p:
+            for ev in events:
+                p.xadd(keys.response(run.inv.request_id), encode_event(ev))
+            p.expire(keys.response(run.inv.request_id), self.settings.response_ttl_s)
+            p.execute()
+        if finished:
+            self.ack(run)
+
+    def ack(self, run: Running) -> None:
+        """The answer is complete on its stream: only now does the invocation leave the queue."""
+        self.running.pop(run.inv.request_id)
+        self.drop_entry(keys.invocations(run.inv.function), run.entry_id)
+
+    def drop_entry(self, stream: str, entry_id: bytes) -> None:
+        with self.r.pipeline() as p:
+            p.xack(stream, keys.GROUP, entry_id)
+            p.xdel(stream, entry_id)
+            p.execute()
+
+    def fail(self, run: Running, answer: Failed) -> None:
+        run.finished = True
+        self.counters.add(f"failed_{answer.status}")
+        self.write(run, [answer], finished=True)
+
+    def fail_function(self, function: str, answer: Failed) -> None:
+        """Fail every running request of one function and free them in its engine (caller holds its lock)."""
+        for run in self.running.of(function):
+            self.abort_in_engine(run)
+            self.fail(run, answer)
+
+    def abort_in_engine(self, run: Running) -> None:
+        engine = self.models.hot_engine(run.inv.function)
+        if engine is not None:
+            engine.abort(run.inv.request_id)  # thread-safe: takes effect at the engine's next step
+
+    def cancel(self, request_id: str) -> None:
+        """The client went away: stop generating and let the invocation go (nobody will read the answer)."""
+        run = self.running.get(request_id)
+        if run is None:
+            return
+        self.abort_in_engine(run)
+        run.finished = True
+        self.counters.add("cancelled")
+        log.info("cancelled %s (client disconnected)", request_id)
+        self.ack(run)
+
+    def retire(self, function: str, why: str) -> None:
+        """A function was removed or now names another model: end its requests, then drop its model."""
+        with self.models.lock(function):
+            self.fail_function(function, Failed(410, f"function '{function}' was {why} while this request ran"))
+            engine = self.models.hot_engine(function)
+            while engine is not None and engine.has_unfinished():
+                engine.step()  # let the engine release the aborted requests' KV before the model leaves
+            self.models.drop(function)
+        log.info("function %s was %s; its model left this worker", function, why)

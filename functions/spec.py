@@ -148,22 +148,22 @@ def parse_spec(raw: Any, source: str = "<spec>", base_dir: Path | None = None) -
         if required not in raw:
             raise SpecError(source, required, "is required")
     name = raw["name"]
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise SpecError(source, "name", f"must match {NAME_RE.pattern} (lowercase, digits, . _ -), got {name!r}")
     if not isinstance(raw["model"], str) or not raw["model"]:
         raise SpecError(source, "model", f"must be a path to a local model directory, got {raw['model']!r}")
+    engine = raw.get("engine", "builtin")
+    if engine not in ENGINES:
+        raise SpecError(source, "engine", f"must be one of {', '.join(ENGINES)}, got {engine!r}")
     model = resolve_model_path(raw["model"], base_dir)
     problem = check_model_dir(model)
     if problem:
         raise SpecError(source, "model", problem)
-    engine = raw.get("engine", "builtin")
-    if engine not in ENGINES:
-        raise SpecError(source, "engine", f"must be one of {', '.join(ENGINES)}, got {engine!r}")
     dtype = raw.get("dtype", "float32")
     if dtype not in DTYPE_BYTES:
         raise SpecError(source, "dtype", f"must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
     try:
-        limit = load_model_config(str(model)).max_position_embeddings
+        limit = load_model_config(str(model), builtin=engine == "builtin").max_position_embeddings
     except ModelFileError as exc:
         raise SpecError(source, "model", str(exc)) from None
     max_model_len = _int(source, "max_model_len", raw.get("max_model_len", min(DEFAULT_MAX_MODEL_LEN, limit)), 16)

@@ -11,6 +11,7 @@ import torch
 from gpu_runtime.engine.sampler import sample
 from gpu_runtime.engine.sequence import RequestInbox, SamplingParams, Sequence, StepOutput, validate_prompt
 from gpu_runtime.tokenizer import Tokenizer
+from protocol.messages import FinishReason
 
 
 class ReferenceEngine:
@@ -36,11 +37,11 @@ class ReferenceEngine:
     def has_unfinished(self) -> bool:
         return self.inbox.has_new() or bool(self._active)
 
-    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+    def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         p = seq.params
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
-            return "stop"
-        return "length" if seq.num_completion >= p.max_tokens or len(seq) >= self.max_len else None
+            return FinishReason.STOP
+        return FinishReason.LENGTH if seq.num_completion >= p.max_tokens or len(seq) >= self.max_len else None
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
@@ -48,10 +49,10 @@ class ReferenceEngine:
         outs = []
         for rid in aborted:
             if self._active.pop(rid, None) is not None:
-                outs.append(StepOutput(rid, [], True, "abort"))
+                outs.append(StepOutput(rid, [], True, FinishReason.ABORT))
         for seq in new:
             if seq.request_id in aborted:
-                outs.append(StepOutput(seq.request_id, [], True, "abort"))
+                outs.append(StepOutput(seq.request_id, [], True, FinishReason.ABORT))
             else:
                 self._active[seq.request_id] = (seq, None)
         for rid, (seq, cache) in list(self._active.items()):

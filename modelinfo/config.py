@@ -148,10 +148,12 @@ def _eos_ids(value) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
-def load_model_config(model_dir: str) -> ModelConfig:
-    """Parse ``config.json`` (and ``generation_config.json`` for eos ids, which wins when present)."""
+def load_model_config(model_dir: str, builtin: bool = True) -> ModelConfig:
+    """Parse ``config.json`` (and ``generation_config.json`` for eos ids, which wins when present).
+    ``builtin=False`` reads the generic fields of any architecture (the transformers reference engine runs
+    what the builtin engine cannot); the byte counts then describe a Llama-shaped model of the same size."""
     path = os.path.join(model_dir, "config.json")
-    cfg = config_from_dict(_read_json(path), path)
+    cfg = config_from_dict(_read_json(path), path, builtin)
     gen_path = os.path.join(model_dir, "generation_config.json")
     if os.path.isfile(gen_path):
         gen_eos = _eos_ids(_read_json(gen_path).get("eos_token_id"))
@@ -160,12 +162,16 @@ def load_model_config(model_dir: str) -> ModelConfig:
     return cfg
 
 
-def config_from_dict(raw: dict, path: str = "config.json") -> ModelConfig:
-    """A ``ModelConfig`` from the decoded ``config.json`` (the simulator builds its model shapes this way)."""
+def config_from_dict(raw: dict, path: str = "config.json", builtin: bool = True) -> ModelConfig:
+    """A ``ModelConfig`` from the decoded ``config.json`` (the simulator builds its model shapes this way);
+    ModelFileError naming the file and field for anything the builtin engine cannot run (unless not `builtin`)."""
     archs = raw.get("architectures") or []
     arch = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
     if not archs and raw.get("model_type") in ARCHITECTURES.values():
         arch = raw["model_type"]  # configs saved from a bare *Config carry no architectures list
+    if not builtin:
+        arch = arch or str(raw.get("model_type") or (archs or ["unknown"])[0])
+        raw = {**raw, "hidden_act": "silu", "rope_scaling": None, "rope_parameters": None}
     if arch is None:
         raise ModelFileError(
             f"{path}: unsupported architecture {archs or raw.get('model_type')!r}; "

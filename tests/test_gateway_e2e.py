@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 import redis
+from conftest import wait_for
 
 from protocol import keys
 
@@ -105,7 +106,8 @@ def test_malformed_stream_entry_is_dropped_not_stuck(deployed):
     r.xadd(keys.invocations(FN), {"inv": b"not json"})
     body = {"model": FN, "prompt": "Hello", "max_tokens": 3, "temperature": 0}
     assert httpx.post(f"{deployed.url}/v1/completions", json=body, timeout=60).status_code == 200
-    assert r.xlen(keys.invocations(FN)) == 0
+    # the answer reaches the client just before its entry is acknowledged: await the queue, don't race it
+    wait_for(lambda: r.xlen(keys.invocations(FN)) == 0, 20, "the queue to empty")
     assert r.xpending(keys.invocations(FN), keys.GROUP)["pending"] == 0
 
 
@@ -256,3 +258,19 @@ def test_no_workers_gives_503(redis_url, tiny_model, tmp_path):
         assert json.loads(resp.text)["error"]["code"] == "no_workers"
     finally:
         s.stop()
+
+
+def test_a_broken_tokenizer_is_a_server_error_naming_the_function(deployed, tiny_model, tmp_path):
+    """Our fault, not the client's: 500, and the message says which function and why."""
+    import shutil
+
+    broken = tmp_path / "broken-tok"
+    shutil.copytree(tiny_model, broken)
+    assert httpx.post(f"{deployed.url}/functions", content=spec_yaml(broken, "broken-tok")).status_code == 201
+    (broken / "tokenizer.json").write_text("{ not a tokenizer")
+    resp = httpx.post(f"{deployed.url}/v1/completions", json={"model": "broken-tok", "prompt": "hi"}, timeout=60)
+    assert resp.status_code == 500
+    error = resp.json()["error"]
+    assert error["type"] == "server_error"
+    assert "function 'broken-tok'" in error["message"] and "tokenizer" in error["message"]
+    assert httpx.delete(f"{deployed.url}/functions/broken-tok").status_code == 200

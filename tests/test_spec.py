@@ -78,3 +78,51 @@ def test_relative_model_path_is_relative_to_the_file(tmp_path, tiny_model):
 def test_unreadable_file_names_the_file(tmp_path):
     with pytest.raises(SpecError, match="missing.yaml: field '<file>': cannot read"):
         load_file(tmp_path / "missing.yaml")
+
+
+def copy_with_config(src, dst, **changes):
+    """A copy of a model directory whose config.json has `changes` (None deletes a field)."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+    return dst
+
+
+def test_a_sliding_window_caps_max_model_len(tiny_model, tmp_path):
+    model = copy_with_config(tiny_model, tmp_path / "m", sliding_window=256, use_sliding_window=True)
+    assert parse_yaml(f"name: a\nmodel: {model}").max_model_len == 256
+    with pytest.raises(SpecError, match="exceeds"):
+        parse_yaml(f"name: a\nmodel: {model}\nmax_model_len: 512")
+
+
+def test_an_architecture_only_transformers_runs_is_refused_for_builtin(tiny_model, tmp_path):
+    model = copy_with_config(tiny_model, tmp_path / "m", architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    with pytest.raises(SpecError, match="unsupported architecture") as err:
+        parse_yaml(f"name: a\nmodel: {model}")
+    assert err.value.field == "model"
+    assert parse_yaml(f"name: a\nmodel: {model}\nengine: transformers").max_model_len == 1024
+
+
+def test_footprint_is_what_the_memory_pool_reserves(tiny_model, tmp_path):
+    """The warmer sizes a function exactly as a worker's pool will: in the serving dtype, not the file's."""
+    import torch
+
+    from functions.spec import footprint
+    from gpu_runtime.memory import ModelHost
+    from gpu_runtime.weights import plan_weights
+    from warmserve.tinymodel import build_tiny_llama
+
+    bf16 = build_tiny_llama(tmp_path / "bf16", torch_dtype="bfloat16")
+    for dtype, factor in (("float32", 4), ("bfloat16", 2)):
+        spec = parse_yaml(f"name: a\nmodel: {bf16}\ndtype: {dtype}\nmax_model_len: 128")
+        size = footprint(spec, kv_seqs=8)
+        assert size.weight_bytes == plan_weights(str(bf16), getattr(torch, dtype)).total_bytes
+        host = ModelHost("cpu", gpu_bytes=1 << 30, chunk_bytes=1 << 20)
+        host.register("a", spec.model, dtype, size.kv_bytes)
+        assert host.report()["models"]["a"]["weight_bytes"] == size.weight_bytes
+        # K and V, 2 layers, 2 KV heads of 16, 128 tokens, 8 sequences
+        assert size.kv_bytes == 2 * 2 * 2 * 16 * factor * 128 * 8

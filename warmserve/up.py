@@ -47,18 +47,22 @@ def spawn(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "warmserve.cli", *args])
 
 
-def wait_healthy(url: str, procs: list[subprocess.Popen], timeout_s: float = 60.0) -> None:
+def wait_ready(url: str, procs: list[subprocess.Popen], workers: int, timeout_s: float = 120.0) -> None:
+    """Until the gateway is healthy and every worker has registered: only then can the first request be served."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if any(p.poll() is not None for p in procs):
             raise RuntimeError("a WarmServe process exited during start-up (see its log above)")
         try:
-            if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
+            if (
+                httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200
+                and len(httpx.get(f"{url}/status", timeout=1.0).json()["workers"]) >= workers
+            ):
                 return
-        except httpx.HTTPError:
+        except (httpx.HTTPError, ValueError, KeyError):
             pass
         time.sleep(0.2)
-    raise RuntimeError(f"gateway at {url} did not become healthy in {timeout_s:.0f} s")
+    raise RuntimeError(f"gateway at {url} and its {workers} worker(s) were not ready in {timeout_s:.0f} s")
 
 
 def deploy_dir(url: str, folder: Path) -> list[str]:
@@ -96,7 +100,7 @@ def up(args: argparse.Namespace) -> int:
     procs += [spawn("worker", "--redis", redis_url, "--device", d) for d in devs]
     procs.append(spawn("warmer", "--redis", redis_url))
     try:
-        wait_healthy(url, procs)
+        wait_ready(url, procs, len(devs))
         names = deploy_dir(url, folder)
         print(f"[4/4] deployed: {', '.join(names) or 'nothing'}")
         example = names[0] if names else "NAME"

@@ -150,7 +150,7 @@ class Streamer:
                     self.abort_in_engine(run)
                 if run.sent_chars < len(run.text):
                     run.outbox.append(Token(run.pos, -1, run.text[run.sent_chars :]))
-                run.outbox.append(Done(FinishReason(reason or FinishReason.STOP), run.pos))
+                run.outbox.append(Done(reason or FinishReason.STOP, run.pos))
                 run.finished = True
 
     def flush(self) -> None:
@@ -183,9 +183,10 @@ class Streamer:
             self.ack(run)
 
     def ack(self, run: Running) -> None:
-        """The answer is complete on its stream: only now does the invocation leave the queue."""
-        self.running.pop(run.inv.request_id)
+        """The answer is complete on its stream: only now does the invocation leave the queue (then the table,
+        so a request no longer counted in flight is gone from the queue too)."""
         self.drop_entry(keys.invocations(run.inv.function), run.entry_id)
+        self.running.pop(run.inv.request_id)
 
     def drop_entry(self, stream: str, entry_id: bytes) -> None:
         with self.r.pipeline() as p:

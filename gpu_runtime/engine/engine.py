@@ -29,6 +29,7 @@ from gpu_runtime.engine.sequence import (
 )
 from gpu_runtime.weights import WeightLayout, load_weights, plan_weights
 from modelinfo.config import DTYPE_BYTES, ModelConfig, load_model_config
+from protocol.messages import FinishReason
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +244,7 @@ class Engine:
             return outputs
         batch, hopeless = self.scheduler.schedule()
         for seq in hopeless:
-            outputs.append(self._finish(seq, "length"))
+            outputs.append(self._finish(seq, FinishReason.LENGTH))
         if batch is None or not batch.chunks:
             return outputs
         logits = self.runner.run(batch)
@@ -267,14 +268,14 @@ class Engine:
         for seq in new:
             if seq.request_id in aborted:
                 aborted.discard(seq.request_id)
-                outputs.append(StepOutput(seq.request_id, [], True, "abort"))
+                outputs.append(StepOutput(seq.request_id, [], True, FinishReason.ABORT))
                 continue
             self._seqs[seq.request_id] = seq
             self.scheduler.add(seq)
         for rid in aborted:
             seq = self._seqs.get(rid)
             if seq is not None:
-                outputs.append(self._finish(seq, "abort"))
+                outputs.append(self._finish(seq, FinishReason.ABORT))
         return outputs
 
     def _finish(self, seq: Sequence, reason: str) -> StepOutput:
@@ -285,13 +286,13 @@ class Engine:
         seq.num_returned = seq.num_completion
         return StepOutput(seq.request_id, new, True, reason)
 
-    def _stop_reason(self, seq: Sequence) -> str | None:
+    def _stop_reason(self, seq: Sequence) -> FinishReason | None:
         p = seq.params
         last = seq.token_ids[-1]
         if last in p.stop_token_ids or (not p.ignore_eos and last in self.config.eos_token_ids):
-            return "stop"
+            return FinishReason.STOP
         if seq.num_completion >= p.max_tokens or len(seq) >= self.max_model_len:
-            return "length"
+            return FinishReason.LENGTH
         return None
 
     def generate(

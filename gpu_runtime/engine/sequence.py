@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from protocol.errors import InvalidRequest
-from protocol.messages import SamplingParams
+from protocol.messages import FinishReason, SamplingParams
 
 
 def validate_prompt(request_id: str, prompt_ids: list[int], vocab: int, max_model_len: int) -> None:
@@ -69,7 +69,7 @@ class Sequence:
         self.num_cached = 0
         self.num_returned = 0  # generated tokens already handed out by step()
         self.status = Status.WAITING
-        self.finish_reason: str | None = None
+        self.finish_reason: FinishReason | None = None
         self.generator: torch.Generator | None = None
 
     def __len__(self) -> int:
@@ -91,7 +91,7 @@ class StepOutput:
     request_id: str
     new_token_ids: list[int]
     finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort" | None
+    finish_reason: FinishReason | None
 
 
 @dataclass
@@ -102,4 +102,4 @@ class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
     token_ids: list[int]
-    finish_reason: str | None
+    finish_reason: FinishReason | None

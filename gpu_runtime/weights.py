@@ -27,6 +27,7 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BF16": torch.bfloat16,
 }
 
+
 @dataclass(frozen=True)
 class WeightLayout:
     model_dir: str

@@ -1,8 +1,9 @@
 """Write a simulator calibration profile from the GPU benchmarks' measured results.
 
 `sim/profiles/default.json` is built from public specs; this replaces every speed the benchmarks measured with
-the measured figure (`bench/results/engine.json`, `bench/results/memory.json`), and keeps the rest (model shapes,
-SLO, host sizes, the GPU memory size the experiment fixes). CPU only: it reads JSON files.
+the measured figure (`bench/results/engine.json`, `bench/results/memory.json`), and keeps the rest (SLO, host
+sizes, the GPU memory size the experiment fixes). Model shapes are not in profiles (sim/models.py). CPU only: it
+reads JSON files.
 
     python3 bench/sim_profile.py --out sim/profiles/h200_measured.json
 """
@@ -21,7 +22,7 @@ def measured_profile(default: dict, engine: dict, memory: dict) -> dict:
     prof = json.loads(json.dumps(default))
     prof["source"] = (
         f"speeds measured on {engine['device']} ({engine['date'][:10]}): bench/results/engine.json (8B shape) and "
-        "bench/results/memory.json; model shapes, memory sizes and SLO from default.json"
+        "bench/results/memory.json; memory sizes and SLO from default.json"
     )
     prof["_doc"] = "Written by bench/sim_profile.py; see docs/simulator.md for every field."
     gpu = prof["gpu"]

@@ -11,8 +11,10 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+from protocol.settings import DEFAULTS
 from sim import paper_setup
 from sim.engine_model import DEFAULT_PROFILE
 from sim.report import markdown_table, measured, plot_timeline, plot_ttft_cdf, ttfts
@@ -44,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--alpha", type=float, default=2.0, help="popularity power law (i+1)^-alpha")
         p.add_argument("--envelope", choices=("flat", "servegen"), default="flat" if name == "run" else "servegen")
         p.add_argument("--profile", type=Path, default=DEFAULT_PROFILE, help="calibration profile JSON")
-        p.add_argument("--forecast", choices=METHODS, default="warmserve", help="warmserve policy's forecaster")
+        p.add_argument("--forecast", choices=METHODS, default=DEFAULTS.forecast_method,
+                       help="warmserve policy's forecaster (default: the live warmer's)")  # fmt: skip
         p.add_argument("--json", type=Path, help="write the summaries here")
         p.add_argument("--plots", type=Path, help="write PNG plots into this directory")
     p = sub.add_parser("paper", help="the WarmServe paper's experiment: rate sweep, all policies")
@@ -71,11 +74,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
         sc = paper_setup.build(args.rate, seed=args.seed, duration_s=args.duration, profile_path=args.profile,
-                               alpha=args.alpha, envelope=args.envelope)  # fmt: skip
+                               alpha=args.alpha, envelope=args.envelope,
+                               settings=replace(DEFAULTS, forecast_method=args.forecast))  # fmt: skip
     except (ValueError, OSError) as e:
         log.error("%s", e)
         return 2
-    sc.forecast_method = args.forecast
     log.info("%d requests over %.0f s, %d functions", len(sc.workload), sc.workload.duration_s, len(sc.functions))
     rows, sims = [], {}
     for name in args.policies:

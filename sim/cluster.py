@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from protocol.states import ModelState
 from sim.engine_model import EngineModel, Profile
 from sim.traces import Workload
-from warmer.cluster import State
 
 _ARRIVAL, _STEP, _READY, _TICK, _SAMPLE = range(5)
 
@@ -34,7 +34,7 @@ _ARRIVAL, _STEP, _READY, _TICK, _SAMPLE = range(5)
 @dataclass(frozen=True)
 class SimFunction:
     name: str
-    model: str  # key into profile.models
+    model: str  # key into sim.models.MODELS
     engine: EngineModel
     slo_ttft_s: float
     capacity_rps: float
@@ -50,7 +50,7 @@ class Inst:
         "waiting", "in_prefill", "batch", "n_active", "kv_tok", "busy", "then", "shard", "kv_bytes", "kv_cap", "step_s",
     )  # fmt: skip
 
-    def __init__(self, iid: int, f: int, gpus: tuple[int, ...], node: int, state: State, now: float, shard: int):
+    def __init__(self, iid: int, f: int, gpus: tuple[int, ...], node: int, state: ModelState, now: float, shard: int):
         self.iid, self.f, self.gpus, self.node, self.state = iid, f, gpus, node, state
         self.since = self.last_used = self.ready_at = self.t_upd = now
         self.ver = 0
@@ -62,7 +62,7 @@ class Inst:
         self.n_active = 0
         self.kv_tok = 0.0  # KV tokens the decode step reads (prompt + half the output per request)
         self.busy = False
-        self.then: State = State.HOT  # state after LOADING
+        self.then: ModelState = ModelState.HOT  # state after LOADING
         self.shard = shard
         self.kv_bytes = 0.0  # per GPU, held by this instance's live requests
         self.step_s = 0.0  # its own current step (decode step or running prefill), before GPU sharing
@@ -201,7 +201,7 @@ class Sim:
         need = self._kv_need(f, r)
         best = None
         for x in self.by_fn[f]:
-            if x.state is State.HOT and x.load() < self.p.max_batch and (best is None or x.load() < best.load()):
+            if x.state is ModelState.HOT and x.load() < self.p.max_batch and (best is None or x.load() < best.load()):
                 if self._kv_fits(x, need):
                     best = x
         return best
@@ -216,7 +216,7 @@ class Sim:
 
     def _reclaim(self, g: int, need: float) -> bool:
         """Evict WARM borrowers on GPU g until `need` bytes of KV fit. True if they fit."""
-        for x in sorted((x for x in self.on_gpu[g] if x.state is State.WARM), key=lambda x: x.last_used):
+        for x in sorted((x for x in self.on_gpu[g] if x.state is ModelState.WARM), key=lambda x: x.last_used):
             if self.cap - self.weights[g] - self.kv[g] >= need:
                 break
             self.counters["reclaims"] += 1
@@ -280,7 +280,7 @@ class Sim:
         self._schedule(x)
 
     def _schedule(self, x: Inst) -> None:
-        if x.in_prefill or x.state is not State.HOT:
+        if x.in_prefill or x.state is not ModelState.HOT:
             return
         x.ver += 1
         if x.waiting:
@@ -352,16 +352,16 @@ class Sim:
     def node_gpus(self, node: int) -> range:
         return range(node * self.gpn, (node + 1) * self.gpn)
 
-    def place(self, f: int, gpus: tuple[int, ...], state: State) -> Inst:
+    def place(self, f: int, gpus: tuple[int, ...], state: ModelState) -> Inst:
         """Make an instance resident at once (a policy's starting state, carried over from before the run)."""
         x = self._new(f, gpus, state)
         self._drain(f)
         return x
 
-    def load(self, f: int, gpus: tuple[int, ...], then: State, engine_start_s: float) -> Inst:
+    def load(self, f: int, gpus: tuple[int, ...], then: ModelState, engine_start_s: float) -> Inst:
         """Copy f's weights to `gpus` (from host cache, or disk via the host), then start an engine / bind them.
         The instance is LOADING until then, and becomes `then` (HOT or WARM)."""
-        x = self._new(f, gpus, State.LOADING)
+        x = self._new(f, gpus, ModelState.LOADING)
         x.then = then
         node = gpus[0] // self.gpn
         shard = x.shard
@@ -415,22 +415,22 @@ class Sim:
 
     def activate(self, x: Inst) -> None:
         """WARM -> HOT: map KV pages (milliseconds)."""
-        assert x.state is State.WARM, x.state
+        assert x.state is ModelState.WARM, x.state
         self.counters["activations"] += 1
-        x.state, x.since = State.HOT, self.now
+        x.state, x.since = ModelState.HOT, self.now
         x.ready_at = self.now + self.p.activate_s
         self._drain(x.f)
         self._kick(x)
 
     def deactivate(self, x: Inst) -> None:
         """HOT -> WARM; only an idle instance (its requests would be lost otherwise)."""
-        assert x.state is State.HOT and not x.load(), (x.state, x.load())
-        x.state, x.since = State.WARM, self.now
+        assert x.state is ModelState.HOT and not x.load(), (x.state, x.load())
+        x.state, x.since = ModelState.WARM, self.now
         x.ver += 1
 
     def unload(self, x: Inst) -> None:
         """Drop an idle instance's weights from its GPUs (the host copy stays, if any)."""
-        assert not x.load() and x.state is not State.LOADING, (x.state, x.load())
+        assert not x.load() and x.state is not ModelState.LOADING, (x.state, x.load())
         self.counters["evictions"] += 1
         del self.insts[x.iid]
         self.by_fn[x.f].remove(x)
@@ -443,7 +443,7 @@ class Sim:
         x.ver += 1
 
     # ---------------------------------------------------------------- internals
-    def _new(self, f: int, gpus: tuple[int, ...], state: State) -> Inst:
+    def _new(self, f: int, gpus: tuple[int, ...], state: ModelState) -> Inst:
         shard = self.fns[f].engine.m.shard_bytes
         for g in gpus:
             if self.free_bytes(g) < shard:
@@ -464,18 +464,18 @@ class Sim:
         self.max_mem_frac = max(self.max_mem_frac, (self.weights[g] + self.kv[g]) / self.cap)
 
     def _ready(self, x: Inst) -> None:
-        if x.state is not State.LOADING:
+        if x.state is not ModelState.LOADING:
             return
         x.state, x.since, x.last_used = x.then, self.now, self.now
         self.policy.on_ready(self, x, self.now)
-        if x.state is State.HOT:
+        if x.state is ModelState.HOT:
             self._drain(x.f)
             self._kick(x)
 
     def _sample(self) -> None:
         states = [0, 0, 0]
         for x in self.insts.values():
-            states[(State.LOADING, State.WARM, State.HOT).index(x.state)] += 1
+            states[(ModelState.LOADING, ModelState.WARM, ModelState.HOT).index(x.state)] += 1
         self.timeline.append(
             (self.now, sum(self.weights) / 1e9, sum(self.kv) / 1e9, *states, sum(len(q) for q in self.queue))
         )

@@ -1,4 +1,5 @@
-"""Step times of an LLM engine from a calibration profile (sim/profiles/default.json; docs/simulator.md).
+"""Step times of an LLM engine from a calibration profile (sim/profiles/default.json; docs/simulator.md) and a
+model shape (sim/models.py).
 
 A roofline per step, no per-token events:
 - prefill of n tokens is compute bound: 2 * params / tp * n FLOPs at `flops * prefill_mfu`, plus the step overhead;
@@ -13,25 +14,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from sim.models import ModelShape
+
 DEFAULT_PROFILE = Path(__file__).parent / "profiles" / "default.json"
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    name: str
-    params: float
-    bytes_per_param: float
-    layers: int
-    kv_bytes_per_token: int
-    tp: int
-
-    @property
-    def weight_bytes(self) -> int:
-        return int(self.params * self.bytes_per_param)
-
-    @property
-    def shard_bytes(self) -> int:
-        return -(-self.weight_bytes // self.tp)
 
 
 @dataclass(frozen=True)
@@ -59,7 +44,6 @@ class Profile:
     slo_prefill_multiple: float
     slo_prefill_tokens: int
     slo_floor_s: float
-    models: dict[str, ModelShape]
 
     @property
     def usable_bytes(self) -> int:
@@ -83,18 +67,8 @@ def load_profile(path: str | Path = DEFAULT_PROFILE) -> Profile:
             raise ValueError(f"profile {path}: field {section}.{key} must be > 0, got {v}")
         return v
 
-    models = {}
-    for name in d.get("models", {}):
-        models[name] = ModelShape(
-            name=name,
-            params=_model_field(path, d, name, "params", float),
-            bytes_per_param=_model_field(path, d, name, "bytes_per_param", float),
-            layers=_model_field(path, d, name, "layers", int),
-            kv_bytes_per_token=_model_field(path, d, name, "kv_bytes_per_token", int),
-            tp=_model_field(path, d, name, "tp", int),
-        )
-    if not models:
-        raise ValueError(f"profile {path}: field models is empty")
+    if "models" in d:  # a second source of model sizes would drift from what workers reserve
+        raise ValueError(f"profile {path}: field models is not read: model shapes come from sim/models.py")
     p = Profile(
         source=str(d.get("source", path.name)),
         gpu_memory_bytes=get("gpu", "memory_bytes", int),
@@ -119,21 +93,10 @@ def load_profile(path: str | Path = DEFAULT_PROFILE) -> Profile:
         slo_prefill_multiple=get("slo", "ttft_prefill_multiple"),
         slo_prefill_tokens=get("slo", "ttft_prefill_tokens", int),
         slo_floor_s=get("slo", "ttft_floor_s", positive=False),
-        models=models,
     )
     if p.usable_bytes <= 0:
         raise ValueError(f"profile {path}: gpu.reserved_bytes must be below gpu.memory_bytes")
     return p
-
-
-def _model_field(path: Path, d: dict, name: str, key: str, kind):
-    try:
-        v = kind(d["models"][name][key])
-    except (KeyError, TypeError, ValueError):
-        raise ValueError(f"profile {path}: field models.{name}.{key} missing or not a {kind.__name__}") from None
-    if v <= 0:
-        raise ValueError(f"profile {path}: field models.{name}.{key} must be > 0, got {v}")
-    return v
 
 
 class EngineModel:

@@ -23,8 +23,10 @@ from collections import deque
 
 import numpy as np
 
+from protocol.settings import DEFAULTS, Settings
+from protocol.states import ControlAction, ModelState
 from sim.cluster import Inst, Sim
-from warmer.cluster import GPU, ClusterView, FunctionSpec, Instance, Load, State, Worker
+from warmer.cluster import GPU, ClusterView, FunctionSpec, Instance, Load, Worker
 from warmer.forecast import Prediction, act_on, make_forecaster, this_and_next
 from warmer.placement import plan
 
@@ -56,7 +58,7 @@ def _groups(sim: Sim, tp: int) -> list[tuple[int, ...]]:
 
 
 def _idle(x: Inst) -> bool:
-    return x.state is not State.LOADING and x.load() == 0
+    return x.state is not ModelState.LOADING and x.load() == 0
 
 
 # --------------------------------------------------------------------------- baselines
@@ -78,7 +80,7 @@ class AlwaysWarm(Policy):
                 nxt = -(-nxt // tp) * tp  # align
                 if (nxt % sim.gpn) + tp > sim.gpn:
                     nxt = -(-nxt // sim.gpn) * sim.gpn
-                sim.place(f, tuple(range(nxt, nxt + tp)), State.HOT)
+                sim.place(f, tuple(range(nxt, nxt + tp)), ModelState.HOT)
                 nxt += tp
 
 
@@ -134,7 +136,7 @@ class Static(Policy):
             if not fits:
                 continue
             g = min(fits, key=lambda g: (max(load[i] for i in g), g))
-            sim.place(f, g, State.HOT)
+            sim.place(f, g, ModelState.HOT)
             placed[f] += 1
             for i in g:
                 budget[i] -= nb
@@ -157,7 +159,7 @@ class OnDemand(Policy):
 
     def on_pressure(self, sim: Sim, f: int, now: float) -> None:
         insts = sim.instances(f)
-        loading = [x for x in insts if x.state is State.LOADING]
+        loading = [x for x in insts if x.state is ModelState.LOADING]
         # One load at a time per function unless the queue outgrows what the loading copies will take.
         if loading and len(sim.queue[f]) <= len(loading) * sim.fns[f].target_concurrency:
             return
@@ -165,7 +167,7 @@ class OnDemand(Policy):
             return
         gpus = self._free_group(sim, f)
         if gpus is not None:
-            sim.load(f, gpus, State.HOT, sim.p.cold_engine_start_s)
+            sim.load(f, gpus, ModelState.HOT, sim.p.cold_engine_start_s)
 
     def _free_group(self, sim: Sim, f: int) -> tuple[int, ...] | None:
         """An aligned group of whole GPUs, evicting idle instances (least recently used first) if needed.
@@ -186,7 +188,7 @@ class OnDemand(Policy):
 
     def on_tick(self, sim: Sim, now: float) -> None:
         for x in list(sim.insts.values()):
-            if x.state is State.HOT and _idle(x) and now - x.last_used >= sim.fns[x.f].keep_alive_s:
+            if x.state is ModelState.HOT and _idle(x) and now - x.last_used >= sim.fns[x.f].keep_alive_s:
                 sim.unload(x)  # scale to zero
         for f, q in enumerate(sim.queue):
             if q:
@@ -210,7 +212,7 @@ class LRU(Policy):
             for g in groups:
                 room = self._make_room(sim, g, shard, evict_ok)
                 if room:
-                    sim.load(f, g, State.HOT, sim.p.cold_engine_start_s)
+                    sim.load(f, g, ModelState.HOT, sim.p.cold_engine_start_s)
                     return
 
     def _make_room(self, sim: Sim, g: tuple[int, ...], shard: int, evict_ok: bool) -> bool:
@@ -245,7 +247,10 @@ class LRU(Policy):
 
 # --------------------------------------------------------------------------- warmserve
 class WarmServe(Policy):
-    """Planner every `tick_s`, forecasts every window, fast activation path on pressure."""
+    """Planner every `tick_s`, forecasts every window, fast activation path on pressure.
+
+    Forecaster, window, lead, planning interval and history length are the live warmer's (`settings`, by default
+    `protocol.settings.DEFAULTS`), so a simulated result speaks for the warmer as deployed."""
 
     name = "warmserve"
 
@@ -253,17 +258,15 @@ class WarmServe(Policy):
         self,
         history: np.ndarray,
         kv_reserve_bytes: list[float],
-        window_s: int = 300,
-        method: str = "warmserve",
-        tick_s: float = 2.0,
-        lead_s: float = 60.0,
+        settings: Settings = DEFAULTS,
         rate_window_s: float = 30.0,
     ):
         self.history = history  # (functions, windows) counts before the run, ending at the run's start
-        self.window_s, self.tick_s = window_s, tick_s
-        self.forecaster = make_forecaster(method, window_s=window_s)
+        self.window_s, self.tick_s = settings.window_s, settings.warmer_interval_s
+        self.forecaster = make_forecaster(settings.forecast_method, window_s=settings.window_s)
         self.kv_reserve = kv_reserve_bytes
-        self.lead_s = lead_s
+        self.lead_s = settings.lead_s
+        self.history_windows = settings.history_windows
         self._cur: dict[str, Prediction] = {}
         self._next: dict[str, Prediction] = {}
         self._window = None
@@ -288,7 +291,7 @@ class WarmServe(Policy):
                 np.add.at(live, (sim.w.fn[mask].astype(np.int64), idx), 1)
             self._cur, self._next = {}, {}
             for f, fn in enumerate(sim.fns):
-                hist = np.concatenate([self.history[f], live[f]])
+                hist = np.concatenate([self.history[f], live[f]])[-self.history_windows :]
                 self._cur[fn.name], self._next[fn.name] = this_and_next(self.forecaster, hist)
         until_next = sim.w.start_s + (w + 1) * self.window_s - now
         return {n: act_on(c, self._next[n], until_next, self.lead_s) for n, c in self._cur.items()}
@@ -319,7 +322,7 @@ class WarmServe(Policy):
                 reserved = sum(
                     max(0.0, specs[sim.fns[x.f].name].kv_bytes - x.kv_bytes)
                     for x in sim.on_gpu[g]
-                    if x.state is State.HOT
+                    if x.state is ModelState.HOT
                 )
                 lend = min(free, reserved)
                 gpus.append(GPU(g - node * sim.gpn, int(sim.cap), int(free - lend), int(lend)))
@@ -341,10 +344,10 @@ class WarmServe(Policy):
                     x.last_used,
                     inflight=x.load(),
                     kv_used_bytes=int(x.kv_bytes),
-                    kv_reserved_bytes=specs[name].kv_bytes if x.state is State.HOT else 0,
+                    kv_reserved_bytes=specs[name].kv_bytes if x.state is ModelState.HOT else 0,
                 )
             )
-        # Recent arrival rate over the last `rate_window_s`: over one 2-s tick the Azure trace's bursts make it so
+        # Recent arrival rate over the last `rate_window_s`: over one planner tick the Azure trace's bursts make it so
         # noisy that HOT targets would ratchet up on every spike.
         arr = sim.arrived.copy()
         self._arr_hist.append((now, arr))
@@ -372,20 +375,20 @@ class WarmServe(Policy):
             gpus = tuple(node * sim.gpn + g for g in a.gpus)
             x = next((x for x in sim.instances(f) if x.gpus == gpus), None)
             self.counters["actions"] += 1
-            if a.kind == "load_host":
+            if a.kind is ControlAction.LOAD_HOST:
                 sim.load_host(node, f)
-            elif a.kind == "prewarm" and x is None:
+            elif a.kind is ControlAction.PREWARM and x is None:
                 if not all(sim.free_bytes(g) >= sim.fns[f].engine.m.shard_bytes for g in gpus):
                     self.counters["skipped"] += 1  # the view was optimistic (KV grew since): next plan retries
                 elif initial:
-                    sim.place(f, gpus, State.WARM)
+                    sim.place(f, gpus, ModelState.WARM)
                 else:
-                    sim.load(f, gpus, State.WARM, sim.p.warm_bind_s)
-            elif a.kind == "activate" and x is not None and x.state is State.WARM:
+                    sim.load(f, gpus, ModelState.WARM, sim.p.warm_bind_s)
+            elif a.kind is ControlAction.ACTIVATE and x is not None and x.state is ModelState.WARM:
                 sim.activate(x)
-            elif a.kind == "deactivate" and x is not None and x.state is State.HOT and _idle(x):
+            elif a.kind is ControlAction.DEACTIVATE and x is not None and x.state is ModelState.HOT and _idle(x):
                 sim.deactivate(x)
-            elif a.kind == "evict" and x is not None and x.state is State.WARM:
+            elif a.kind is ControlAction.EVICT and x is not None and x.state is ModelState.WARM:
                 sim.unload(x)
             else:
                 self.counters["skipped"] += 1
@@ -405,7 +408,7 @@ class WarmServe(Policy):
         self._run_plan(sim, now)
 
     def on_pressure(self, sim: Sim, f: int, now: float) -> None:
-        warm = [x for x in sim.instances(f) if x.state is State.WARM]
+        warm = [x for x in sim.instances(f) if x.state is ModelState.WARM]
         if warm:  # fast path: a prewarmed copy, activated in milliseconds, on the least busy GPUs
             x = min(warm, key=lambda x: (max(sim.n_busy[g] for g in x.gpus), x.iid))
             # On GPUs where other engines are busy a new copy adds little (they take turns) and slows them: there,
@@ -413,12 +416,12 @@ class WarmServe(Policy):
             if max(sim.n_busy[g] for g in x.gpus) == 0 or sim.queue[f]:
                 sim.activate(x)
             return
-        if any(x.state is State.LOADING for x in sim.instances(f)):
+        if any(x.state is ModelState.LOADING for x in sim.instances(f)):
             return
         if now - self._last_reactive.get(f, -1e9) >= 0.5:  # reactive: plan now rather than at the next tick
             self._last_reactive[f] = now
             self._run_plan(sim, now)
 
     def on_ready(self, sim: Sim, x: Inst, now: float) -> None:
-        if x.state is State.WARM and sim.queue[x.f]:
+        if x.state is ModelState.WARM and sim.queue[x.f]:
             sim.activate(x)

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from protocol.settings import DEFAULTS, Settings
 from sim import policies
 from sim.cluster import Sim, SimFunction
 from sim.engine_model import EngineModel, Profile
+from sim.models import MODELS
 from sim.report import summarize
 from sim.traces import Workload
 
@@ -29,10 +31,9 @@ class Scenario:
     workload: Workload
     n_nodes: int
     gpus_per_node: int
-    history: np.ndarray  # (functions, windows) counts before workload.start_s, for forecasters
-    window_s: int = 300
+    history: np.ndarray  # (functions, settings.window_s windows) counts before workload.start_s, for forecasters
     warmup_s: float = 120.0  # requests arriving earlier are served but not measured
-    forecast_method: str = "warmserve"
+    settings: Settings = DEFAULTS  # the warmer's tunables: the warmserve policy plans as the live warmer does
 
     @property
     def mean_rps(self) -> np.ndarray:
@@ -45,9 +46,9 @@ def make_functions(
 ) -> list[SimFunction]:
     out = []
     for name, model in zip(names, models, strict=True):
-        if model not in profile.models:
-            raise ValueError(f"model {model!r} not in profile (have {', '.join(profile.models)})")
-        eng = EngineModel(profile, profile.models[model])
+        if model not in MODELS:
+            raise ValueError(f"unknown model {model!r} (have {', '.join(MODELS)})")
+        eng = EngineModel(profile, MODELS[model])
         out.append(
             SimFunction(
                 name=name,
@@ -69,7 +70,7 @@ def make_policy(name: str, sc: Scenario) -> policies.Policy:
     tokens = float(w.prompt.mean()) + float(w.output.mean()) if len(w) else 1.0
     kv = [sc.profile.capacity_batch * tokens * f.engine.m.kv_bytes_per_token / f.engine.m.tp for f in sc.functions]
     if name == "warmserve":
-        return policies.WarmServe(sc.history, kv, window_s=sc.window_s, method=sc.forecast_method)
+        return policies.WarmServe(sc.history, kv, sc.settings)
     if name == "ondemand":
         return policies.OnDemand()
     if name == "lru":

@@ -2,7 +2,10 @@
 
 from dataclasses import replace
 
-from warmer.cluster import GPU, Action, ClusterView, FunctionSpec, Instance, Load, State, Worker, apply_actions
+import pytest
+
+from protocol.states import ControlAction, ModelState
+from warmer.cluster import GPU, Action, ClusterView, FunctionSpec, Instance, Load, Worker, apply_actions
 from warmer.forecast import Prediction
 from warmer.placement import plan
 
@@ -44,7 +47,7 @@ def test_prewarms_forecast_demand_and_is_idempotent():
     assert all(len(a.gpus) == 2 and a.gpus[0] % 2 == 0 for a in pre if a.function == "b")  # aligned TP group
     assert plan(after, preds, 0.0) == []
     # and once the loads are done (LOADING -> WARM), planning again still changes nothing but activations
-    warm = replace(after, instances=tuple(replace(x, state=State.WARM) for x in after.instances))
+    warm = replace(after, instances=tuple(replace(x, state=ModelState.WARM) for x in after.instances))
     acts2, after2 = settle(warm, preds)
     assert {a.kind for a in acts2} <= {"activate"}
     assert sum(a.function == "a" for a in acts2) == 3  # mean 20 req/s -> 3 HOT, the 4th stays WARM for the peak
@@ -55,8 +58,8 @@ def test_evict_aware_avoids_lender_forecast_to_need_its_kv():
     # Both GPUs have only lent KV memory free. The lender on GPU 0 ("busy") is forecast near its capacity, the
     # one on GPU 1 ("quiet") is forecast idle: the new copy must go where it will not be pushed out.
     lenders = [
-        Instance("busy", "w0", (0,), State.HOT, 0, 0, kv_used_bytes=2 * GB, kv_reserved_bytes=30 * GB),
-        Instance("quiet", "w0", (1,), State.HOT, 0, 0, kv_used_bytes=2 * GB, kv_reserved_bytes=30 * GB),
+        Instance("busy", "w0", (0,), ModelState.HOT, 0, 0, kv_used_bytes=2 * GB, kv_reserved_bytes=30 * GB),
+        Instance("quiet", "w0", (1,), ModelState.HOT, 0, 0, kv_used_bytes=2 * GB, kv_reserved_bytes=30 * GB),
     ]
     w = worker("w0", 2, cached=("busy", "quiet", "new"), free=[2, 2], lend=[28, 28])
     specs = [spec("busy"), spec("quiet"), spec("new")]
@@ -71,7 +74,7 @@ def test_evict_aware_avoids_lender_forecast_to_need_its_kv():
 
 def test_does_not_colocate_functions_likely_to_burst_together():
     # "a" is WARM on GPU 0 and bursty; GPU 0 and GPU 1 are otherwise equal. A bursty "b" goes to GPU 1.
-    inst = [Instance("a", "w0", (0,), State.WARM, 0, 0)]
+    inst = [Instance("a", "w0", (0,), ModelState.WARM, 0, 0)]
     v = view([worker("w0", 2, free=[62, 76])], [spec("a"), spec("b")], inst)
     preds = {"a": Prediction(1.0, 7.0), "b": Prediction(1.0, 7.0)}
     pre = [a for a in plan(v, preds, 0.0) if a.kind == "prewarm" and a.function == "b"]
@@ -88,7 +91,7 @@ def test_prefers_worker_with_weights_in_host_memory():
 
 
 def test_reactive_scale_up_for_unforecast_burst():
-    hot = [Instance("a", "w0", (0,), State.HOT, 0, 0, inflight=50)]
+    hot = [Instance("a", "w0", (0,), ModelState.HOT, 0, 0, inflight=50)]
     load = {"a": Load(arrivals_rps=0.0, inflight=50, queued=40)}
     v = view([worker("w0", 2)], [spec("a")], hot, load)
     acts, after = settle(v, {"a": Prediction(0.0, 0.0)})
@@ -97,7 +100,7 @@ def test_reactive_scale_up_for_unforecast_burst():
 
 
 def test_keep_alive_scale_down_then_evict():
-    x = Instance("a", "w0", (0,), State.HOT, 0, 0)
+    x = Instance("a", "w0", (0,), ModelState.HOT, 0, 0)
     v = view([worker("w0", 1)], [spec("a", keep=60)], [x])
     assert plan(v, {}, 30.0) == []  # idle 30 s < keep_alive
     acts, after = settle(v, {}, 61.0)
@@ -109,7 +112,7 @@ def test_keep_alive_scale_down_then_evict():
 
 
 def test_evicts_idle_copy_of_less_demanded_function_to_make_room():
-    inst = [Instance("low", "w0", (0,), State.WARM, 0, 0)]
+    inst = [Instance("low", "w0", (0,), ModelState.WARM, 0, 0)]
     v = view(
         [worker("w0", 1, free=[50], cached=("low", "high"))], [spec("low", weights=60), spec("high", weights=60)], inst
     )
@@ -123,10 +126,21 @@ def test_evicts_idle_copy_of_less_demanded_function_to_make_room():
 
 def test_new_copy_goes_where_compute_is_spare():
     # Engines sharing a GPU take turns: a copy next to a HOT function forecast to fill its GPU adds no capacity.
-    hot = [Instance("big", "w0", (0,), State.HOT, 0, 0, inflight=40), Instance("small", "w0", (1,), State.HOT, 0, 0)]
+    hot = [
+        Instance("big", "w0", (0,), ModelState.HOT, 0, 0, inflight=40),
+        Instance("small", "w0", (1,), ModelState.HOT, 0, 0),
+    ]
     v = view(
         [worker("w0", 2, cached=("big", "small", "x"), free=[40, 40])], [spec("big"), spec("small"), spec("x")], hot
     )
     preds = {"big": Prediction(7.5, 7.9), "small": Prediction(0.2, 0.4), "x": Prediction(1.0, 2.0)}
     pre = [a for a in plan(v, preds, 0.0) if a.kind == "prewarm" and a.function == "x"]
     assert [a.gpus for a in pre] == [(1,)]
+
+
+def test_action_kind_is_a_control_action():
+    # The live warmer reads queued control jobs back as strings: they become the same enum members.
+    assert Action("evict", "a", "w0", (0,)).kind is ControlAction.EVICT
+    assert Action(ControlAction.PREWARM, "a", "w0", (0,)) == Action("prewarm", "a", "w0", (0,))
+    with pytest.raises(ValueError, match="unknown control action"):
+        Action("warm_up", "a", "w0")

@@ -5,11 +5,16 @@ import json
 import numpy as np
 import pytest
 
+from modelinfo import config_from_dict
+from protocol.settings import DEFAULTS
 from sim import paper_setup
-from sim.cli import main
+from sim.cli import _parser, main
 from sim.engine_model import load_profile
-from sim.scenario import POLICIES, Scenario, make_functions, run_policy
+from sim.models import CONFIGS, MODELS
+from sim.policies import WarmServe
+from sim.scenario import POLICIES, Scenario, make_functions, make_policy, run_policy
 from sim.traces import Workload, load_azure, powerlaw
+from warmer.forecast import make_forecaster
 
 DAY = 86_400
 PROFILE = load_profile()
@@ -29,7 +34,7 @@ def scenario(times, history=None, outputs=50, prompt=512, warmup=0.0, start=3 * 
         duration_s=duration or float(times[-1]) + 1.0,
     )
     fns = make_functions(PROFILE, ["llama-7b"], ["f"], prompt, outputs, keep_alive_s=60.0)
-    hist = np.zeros((1, int(start // 300)), np.int64) if history is None else history[None, :]
+    hist = np.zeros((1, int(start // DEFAULTS.window_s)), np.int64) if history is None else history[None, :]
     return Scenario(PROFILE, fns, wl, n_nodes=1, gpus_per_node=2, history=hist, warmup_s=warmup)
 
 
@@ -38,7 +43,7 @@ def ttft(sim) -> np.ndarray:
 
 
 def load_time() -> float:
-    return PROFILE.models["llama-7b"].shard_bytes / PROFILE.pcie_bytes_per_s
+    return MODELS["llama-7b"].shard_bytes / PROFILE.pcie_bytes_per_s
 
 
 def test_ondemand_pays_a_load_on_a_cold_request_always_warm_never_does():
@@ -105,6 +110,30 @@ def test_deterministic_with_a_seed():
     assert go(3) != go(4)
 
 
+def test_warmserve_policy_plans_with_the_live_warmers_settings():
+    # The simulated warmer must be the deployed one: same forecaster, windows, lead, interval and history.
+    live = (DEFAULTS.window_s, DEFAULTS.lead_s, DEFAULTS.warmer_interval_s, DEFAULTS.history_windows)
+    forecaster = make_forecaster(DEFAULTS.forecast_method, window_s=DEFAULTS.window_s)
+    for pol in (WarmServe(np.zeros((1, 1)), [0.0]), make_policy("warmserve", scenario([1.0]))):
+        assert (pol.window_s, pol.lead_s, pol.tick_s, pol.history_windows) == live
+        assert pol.forecaster == forecaster
+    assert paper_setup.build(4.0, duration_s=60.0).settings == DEFAULTS
+    assert _parser().parse_args(["run"]).forecast == DEFAULTS.forecast_method
+
+
+def test_model_sizes_are_modelinfos():
+    for name, (raw, tp) in CONFIGS.items():
+        cfg = config_from_dict(raw)
+        m = MODELS[name]
+        assert (m.weight_bytes, m.kv_bytes_per_token, m.tp) == (
+            cfg.weight_bytes("bfloat16"),
+            cfg.kv_bytes_per_token("bfloat16"),
+            tp,
+        )
+    assert MODELS["llama-70b"].kv_bytes_per_token == 2 * 80 * 8 * 128 * 2  # GQA: 8 KV heads of 128
+    assert MODELS["llama-7b"].params == pytest.approx(6.74e9, rel=1e-3)  # Llama-2-7B's published size
+
+
 def test_cli_run_writes_summaries(tmp_path):
     out = tmp_path / "r.json"
     assert main(["run", "--rate", "4", "--duration", "200", "--policies", "ondemand,static", "--json", str(out)]) == 0
@@ -121,6 +150,9 @@ def test_bad_inputs_name_file_and_field(tmp_path):
     del d["links"]["pcie_h2d_bytes_per_s"]
     bad.write_text(json.dumps(d))
     with pytest.raises(ValueError, match="links.pcie_h2d_bytes_per_s"):
+        load_profile(bad)
+    bad.write_text(json.dumps(d | {"models": {}}))
+    with pytest.raises(ValueError, match="sim/models.py"):  # sizes come from modelinfo, never a second source
         load_profile(bad)
     csv = tmp_path / "t.csv"
     csv.write_text("TIMESTAMP,Tokens\n2023-11-16 18:15:46.68,3\n")

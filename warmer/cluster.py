@@ -3,9 +3,9 @@
 The live warmer fills a `ClusterView` from Redis; the simulator fills it from its own state. Both hand it to
 `warmer.placement.plan`, so one policy runs in both places.
 
-Vocabulary (docs/design: model states on a worker):
+Vocabulary (the states and control actions themselves are defined in protocol/states.py):
 - a *worker* is one host with GPUs, a pinned host-memory cache of weights and a disk;
-- an *instance* is one function's weights on a group of `tp` GPUs of one worker, in one `State`;
+- an *instance* is one function's weights on a group of `tp` GPUs of one worker, in one `ModelState`;
 - `HOST` is not an instance state: a function is HOST on a worker when its weights sit in that worker's host cache
   (`Worker.host_cached`), ready to copy to a GPU at PCIe speed.
 """
@@ -13,14 +13,8 @@ Vocabulary (docs/design: model states on a worker):
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from enum import StrEnum
-from typing import Literal
 
-
-class State(StrEnum):
-    LOADING = "LOADING"  # a prewarm is in flight: weights are being copied host -> GPU (becomes WARM)
-    WARM = "WARM"  # weights mapped on the GPUs, no KV pages: activation costs milliseconds
-    HOT = "HOT"  # weights + KV pages, engine serving
+from protocol.states import ControlAction, ModelState
 
 
 @dataclass(frozen=True)
@@ -47,7 +41,7 @@ class Instance:
     function: str
     worker: str
     gpus: tuple[int, ...]  # GPU indices within the worker, len == FunctionSpec.tp
-    state: State
+    state: ModelState
     since: float  # when it entered this state (s, same clock as `now`)
     last_used: float  # last time it finished or admitted a request
     inflight: int = 0  # requests admitted and not finished
@@ -76,7 +70,8 @@ class FunctionSpec:
 class Load:
     """What the gateway and invoker see right now for one function."""
 
-    arrivals_rps: float = 0.0  # over the last ~30 s: a rate over one 2-s tick is burst noise the plan would chase
+    # over the last 30-60 s: a rate over one planner tick is burst noise the plan would chase
+    arrivals_rps: float = 0.0
     inflight: int = 0
     queued: int = 0  # requests waiting for any instance
 
@@ -95,9 +90,6 @@ class ClusterView:
         raise KeyError(f"no worker named {name!r} in the cluster view")
 
 
-ActionKind = Literal["load_host", "prewarm", "activate", "deactivate", "evict"]
-
-
 @dataclass(frozen=True)
 class Action:
     """One control step for one worker. `gpus` is empty for load_host (disk -> host cache, no GPU involved).
@@ -109,10 +101,14 @@ class Action:
     - evict: WARM -> HOST (free the GPU memory of the weights)
     """
 
-    kind: ActionKind
+    kind: ControlAction
     function: str
     worker: str
     gpus: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Control jobs read back from a worker's queue carry the kind as its string value.
+        object.__setattr__(self, "kind", ControlAction.parse(self.kind))
 
 
 def apply_actions(view: ClusterView, actions: list[Action], now: float) -> ClusterView:
@@ -126,25 +122,26 @@ def apply_actions(view: ClusterView, actions: list[Action], now: float) -> Clust
     for a in actions:
         spec = view.functions[a.function]
         w = workers[a.worker]
-        if a.kind == "load_host":
+        if a.kind is ControlAction.LOAD_HOST:
             workers[a.worker] = replace(w, host_loading=w.host_loading | {a.function})
             continue
         key = (a.function, a.worker, tuple(a.gpus))
         idx = next((i for i, x in enumerate(insts) if (x.function, x.worker, x.gpus) == key), None)
-        if a.kind == "prewarm":
+        if a.kind is ControlAction.PREWARM:
             if idx is not None:
                 raise ValueError(f"prewarm of {key} but an instance is already there")
-            insts.append(Instance(a.function, a.worker, tuple(a.gpus), State.LOADING, now, now))
+            insts.append(Instance(a.function, a.worker, tuple(a.gpus), ModelState.LOADING, now, now))
             workers[a.worker] = _take(w, a.gpus, spec.shard_bytes)
             continue
         if idx is None:
             raise ValueError(f"{a.kind} of {key}: no such instance")
         x = insts[idx]
-        if a.kind == "evict":
+        if a.kind is ControlAction.EVICT:
             insts.pop(idx)
             workers[a.worker] = _take(w, a.gpus, -spec.shard_bytes)
         else:
-            insts[idx] = replace(x, state=State.HOT if a.kind == "activate" else State.WARM, since=now)
+            state = ModelState.HOT if a.kind is ControlAction.ACTIVATE else ModelState.WARM
+            insts[idx] = replace(x, state=state, since=now)
     return replace(view, workers=tuple(workers[w.name] for w in view.workers), instances=tuple(insts))
 
 

@@ -17,6 +17,8 @@ from typing import Protocol
 
 import numpy as np
 
+from protocol.settings import DEFAULTS
+
 DAY_S = 86_400
 # Add-one in log space: counts of 0 stay finite, and a window of 1 vs 3 requests is a small error, not 200 %.
 _PSEUDO = 1.0
@@ -102,7 +104,7 @@ def _seasonal_lags(x: np.ndarray, t: np.ndarray, period: int, count: int, spread
 class _Base:
     """Shared machinery: validation, units, the conformal peak. Subclasses define `_point`."""
 
-    window_s: int = 300
+    window_s: int = DEFAULTS.window_s
     peak_quantile: float = 0.95
     peak_lookback_days: float = 1.0  # errors from this many past windows set the peak's width
     max_history_days: int = 15  # older history is ignored: bounds cost per call
@@ -258,12 +260,12 @@ class Blend(_Base):
 
 _METHODS = {"warmserve": WarmServe, "seasonal": Seasonal, "blend": Blend, "ewma": Ewma, "last": Last}
 METHODS: tuple[str, ...] = tuple(_METHODS)
-# What the warmer should use unless told otherwise: on the ServeGen evaluation (docs/forecasting.md) it has the lowest
-# error of the seasonal methods and the tightest peak at the same miss rate.
-DEFAULT_METHOD = "blend"
+# The live warmer's and the simulator's forecaster is `Settings.forecast_method` (`blend`): on the ServeGen
+# evaluation (docs/forecasting.md) it has the lowest error of the seasonal methods and the tightest peak at the
+# same miss rate.
 
 
-def make_forecaster(method: str, window_s: int = 300, **kw) -> Forecaster:
+def make_forecaster(method: str, window_s: int = DEFAULTS.window_s, **kw) -> Forecaster:
     """Build a forecaster by name (see METHODS); `kw` overrides the method's dataclass fields."""
     if method not in _METHODS:
         raise ValueError(f"unknown forecast method {method!r}; choose one of {', '.join(METHODS)}")

@@ -22,7 +22,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from warmer.cluster import Action, ClusterView, FunctionSpec, Instance, Load, State, Worker, apply_actions
+from protocol.states import ControlAction, ModelState
+from warmer.cluster import Action, ClusterView, FunctionSpec, Instance, Load, Worker, apply_actions
 from warmer.forecast import Prediction
 
 # Cost weights, in "instances of forecast compute demand" units. Only their order of magnitude matters.
@@ -71,21 +72,21 @@ def _demand(spec: FunctionSpec, pred: Prediction | None, load: Load) -> _Demand:
     return _Demand(hot, resident, max(mean, now_rps) / cap, max(peak - mean, 0.0) / cap)
 
 
-def _of(view: ClusterView, name: str, *states: State) -> list[Instance]:
+def _of(view: ClusterView, name: str, *states: ModelState) -> list[Instance]:
     return [x for x in view.instances if x.function == name and x.state in states]
 
 
 def _scale(view: ClusterView, spec: FunctionSpec, d: _Demand, demand: dict[str, _Demand], now: float) -> list[Action]:
     """Activate / deactivate / evict existing copies of one function; reactive scale-up lives in _prewarm."""
-    hot = _of(view, spec.name, State.HOT)
-    warm = _of(view, spec.name, State.WARM)
+    hot = _of(view, spec.name, ModelState.HOT)
+    warm = _of(view, spec.name, ModelState.WARM)
     out: list[Action] = []
     load = _gpu_util(view, demand, exclude=spec.name)
     want = d.hot + _reactive(view, spec, hot)
     # Activate the copies on the least busy GPUs first.
     warm.sort(key=lambda x: (sum(load.get((x.worker, g), 0.0) for g in x.gpus), x.worker, x.gpus))
     for x in warm[: max(0, want - len(hot))]:
-        out.append(Action("activate", spec.name, x.worker, x.gpus))
+        out.append(Action(ControlAction.ACTIVATE, spec.name, x.worker, x.gpus))
     warm = warm[max(0, want - len(hot)) :]
 
     def idle(x: Instance) -> bool:
@@ -93,11 +94,11 @@ def _scale(view: ClusterView, spec: FunctionSpec, d: _Demand, demand: dict[str, 
 
     extra_hot = sorted((x for x in hot if idle(x)), key=lambda x: x.last_used)[: max(0, len(hot) - want)]
     for x in extra_hot:
-        out.append(Action("deactivate", spec.name, x.worker, x.gpus))
-    resident = len(hot) + len(warm) + len(_of(view, spec.name, State.LOADING))
+        out.append(Action(ControlAction.DEACTIVATE, spec.name, x.worker, x.gpus))
+    resident = len(hot) + len(warm) + len(_of(view, spec.name, ModelState.LOADING))
     warm = warm + extra_hot  # just deactivated: WARM now, so evictable in the same plan
     for x in sorted((x for x in warm if idle(x)), key=lambda x: x.last_used)[: max(0, resident - d.resident)]:
-        out.append(Action("evict", spec.name, x.worker, x.gpus))
+        out.append(Action(ControlAction.EVICT, spec.name, x.worker, x.gpus))
     return out
 
 
@@ -108,9 +109,9 @@ def _reactive(view: ClusterView, spec: FunctionSpec, hot: list[Instance]) -> int
 
 
 def _prewarm(view: ClusterView, spec: FunctionSpec, d: _Demand, demand: dict[str, _Demand], now: float) -> list[Action]:
-    resident = _of(view, spec.name, State.HOT, State.WARM, State.LOADING)
-    hot = _of(view, spec.name, State.HOT)
-    coming = any(x.state is not State.HOT for x in resident)
+    resident = _of(view, spec.name, ModelState.HOT, ModelState.WARM, ModelState.LOADING)
+    hot = _of(view, spec.name, ModelState.HOT)
+    coming = any(x.state is not ModelState.HOT for x in resident)
     want = d.resident
     if not coming and _reactive(view, spec, hot):
         want = min(max(want, len(resident) + 1), spec.max_instances)
@@ -129,7 +130,7 @@ def _best_group(view: ClusterView, spec: FunctionSpec, demand: dict[str, _Demand
     """Cheapest [evict..., load_host?, prewarm] that puts one more copy of `spec` on some GPU group."""
     mine = demand[spec.name]
     util = _gpu_util(view, demand, exclude=spec.name)
-    share = mine.util / (len(_of(view, spec.name, State.HOT, State.WARM, State.LOADING)) + 1)
+    share = mine.util / (len(_of(view, spec.name, ModelState.HOT, ModelState.WARM, ModelState.LOADING)) + 1)
     best: tuple[float, list[Action]] | None = None
     for w in view.workers:
         for gpus in _groups(w, spec.tp):
@@ -147,12 +148,12 @@ def _best_group(view: ClusterView, spec: FunctionSpec, demand: dict[str, _Demand
             for x in _residents(view, w.name, gpus):
                 if x.function != spec.name and x not in evictions:
                     cost += _W_BURST * mine.burst * demand[x.function].burst
-            steps = [Action("evict", x.function, x.worker, x.gpus) for x in evictions]
+            steps = [Action(ControlAction.EVICT, x.function, x.worker, x.gpus) for x in evictions]
             if spec.name not in w.host_cached:
                 cost += _W_DISK
                 if spec.name not in w.host_loading:
-                    steps.append(Action("load_host", spec.name, w.name))
-            steps.append(Action("prewarm", spec.name, w.name, gpus))
+                    steps.append(Action(ControlAction.LOAD_HOST, spec.name, w.name))
+            steps.append(Action(ControlAction.PREWARM, spec.name, w.name, gpus))
             if best is None or cost < best[0]:
                 best = (cost, steps)
     return None if best is None else best[1]
@@ -184,7 +185,7 @@ def _fit(
         if have < need:
             # Room from idle WARM copies of functions with less forecast demand, least demand first.
             victims = sorted(
-                (x for x in here if x.state is State.WARM and demand[x.function].util < mine and x not in evict),
+                (x for x in here if x.state is ModelState.WARM and demand[x.function].util < mine and x not in evict),
                 key=lambda x: (demand[x.function].util, x.last_used),
             )
             for x in victims:
@@ -206,9 +207,9 @@ def _safe_lendable(view: ClusterView, g, here: list[Instance], demand: dict[str,
     """Lent KV bytes on GPU `g` that the lenders' own forecast leaves idle, and the lenders' forecast use (0..1)."""
     safe, use = 0, 0.0
     for x in here:
-        if x.state is not State.HOT or x.kv_reserved_bytes <= 0:
+        if x.state is not ModelState.HOT or x.kv_reserved_bytes <= 0:
             continue
-        n_hot = max(1, len(_of(view, x.function, State.HOT)))
+        n_hot = max(1, len(_of(view, x.function, ModelState.HOT)))
         u = min(1.0, (demand[x.function].util + demand[x.function].burst) / n_hot)
         safe += max(0, x.kv_reserved_bytes - max(x.kv_used_bytes, int(u * x.kv_reserved_bytes)))
         use = max(use, u)
@@ -219,7 +220,7 @@ def _gpu_util(view: ClusterView, demand: dict[str, _Demand], exclude: str) -> di
     """Forecast compute demand per GPU from the HOT instances on it (a function's demand split over its copies)."""
     hot: dict[str, list[Instance]] = {}
     for x in view.instances:
-        if x.state is State.HOT and x.function != exclude:
+        if x.state is ModelState.HOT and x.function != exclude:
             hot.setdefault(x.function, []).append(x)
     out: dict[tuple[str, int], float] = {}
     for name, xs in hot.items():

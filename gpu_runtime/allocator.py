@@ -1,9 +1,11 @@
-"""The one seam between the engine and GPU memory.
+"""Where an engine gets the flat byte buffers it carves weights and KV cache out of.
 
-The engine never calls ``torch.empty`` for weights or KV cache: it asks an ``Allocator`` for flat byte buffers and
-carves typed views out of them. The default ``TorchAllocator`` is plain torch memory; the worker's memory pool
-(CUDA virtual memory on GPUs, host memory on CPU) implements the same protocol, so a model's weights can already sit
-in prewarmed memory when its engine is built, and its KV pages can be mapped and unmapped under a fixed address.
+An engine that allocates its own memory (``Engine.from_pretrained``, or any engine given ``num_kv_blocks``)
+never calls ``torch.empty`` for weights or KV: it asks an ``Allocator`` for flat ``uint8`` buffers and carves
+typed views out of them. The default ``TorchAllocator`` is plain torch memory. The worker's memory pool
+(``gpu_runtime.memory``) does not implement this protocol: it fills a weight buffer in its own chunks, builds the
+engine over it with ``Engine.from_weights`` and no KV blocks of its own, and hands KV buffers in through
+``attach_kv``. ``Purpose`` names what a buffer holds, for allocators and the pool alike.
 """
 
 from __future__ import annotations

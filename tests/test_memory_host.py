@@ -14,9 +14,10 @@ import torch
 from engine_models import build_model, prompts
 
 from gpu_runtime import Engine, SamplingParams
-from gpu_runtime.memory import ModelHost, ModelLoadError, ModelState, ModelTooLarge, PoolExhausted, loader
+from gpu_runtime.memory import ModelHost, ModelLoadError, ModelTooLarge, PoolExhausted, loader
 from gpu_runtime.memory.host_cache import HostCache
 from gpu_runtime.weights import load_weights, plan_weights
+from protocol.states import ModelState
 
 CHUNK = 64 * 1024  # the tiny models below: ~5 weight chunks, KV blocks of 8 KiB (8 per chunk)
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)

@@ -2,11 +2,17 @@
 
 Lowest free ids go out first, so used blocks pack at the bottom of the KV buffer and its top stays free to be
 lent (``limit``): the worker may map another model's weights over blocks >= limit.
+
+Threads: the engine's step thread allocates and frees; the worker's memory pool lowers the limit from other
+threads when it lends the idle top. ``lock`` is held by the scheduler for a whole scheduling decision (check,
+then allocate), so a limit never drops between the two; lowering only tries the lock and gives up while the
+engine schedules (lending is opportunistic). Raising needs no lock: no used block can be above the new limit.
 """
 
 from __future__ import annotations
 
 import heapq
+import threading
 
 from gpu_runtime.engine.sequence import Sequence
 
@@ -14,6 +20,7 @@ from gpu_runtime.engine.sequence import Sequence
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int) -> None:
         self.block_size = block_size
+        self.lock = threading.RLock()
         self.reset(num_blocks)
 
     def reset(self, num_blocks: int) -> None:
@@ -37,25 +44,36 @@ class BlockManager:
 
     def allocate(self, seq: Sequence, num_tokens: int) -> None:
         """Grow ``seq``'s block table to hold ``num_tokens`` tokens."""
-        need = self.blocks_needed(seq, num_tokens)
-        if need > self.num_free:
-            raise RuntimeError(f"KV cache: need {need} blocks, {self.num_free} free")
-        for _ in range(need):
-            block = heapq.heappop(self._free)
-            self._used.add(block)
-            seq.block_table.append(block)
+        with self.lock:
+            need = self.blocks_needed(seq, num_tokens)
+            if need > self.num_free:
+                raise RuntimeError(f"KV cache: need {need} blocks, {self.num_free} free")
+            for _ in range(need):
+                block = heapq.heappop(self._free)
+                self._used.add(block)
+                seq.block_table.append(block)
 
     def free(self, seq: Sequence) -> None:
-        for block in seq.block_table:
-            self._used.discard(block)
-            heapq.heappush(self._free, block)
-        seq.block_table = []
-        seq.num_cached = 0
+        with self.lock:
+            for block in seq.block_table:
+                self._used.discard(block)
+                heapq.heappush(self._free, block)
+            seq.block_table = []
+            seq.num_cached = 0
 
     def set_limit(self, blocks: int) -> bool:
-        """Use only ids < ``blocks`` (capped at the buffer's size); False, unchanged, if a used id is >= it."""
+        """Use only ids < ``blocks`` (capped at the buffer's size); False, unchanged, if a used id is >= it or
+        (when lowering) the engine is scheduling right now."""
         blocks = max(0, min(blocks, self.num_blocks))
-        if any(b >= blocks for b in self._used):
+        if blocks >= self.limit:
+            self.limit = blocks
+            return True
+        if not self.lock.acquire(blocking=False):
             return False
-        self.limit = blocks
-        return True
+        try:
+            if any(b >= blocks for b in self._used):
+                return False
+            self.limit = blocks
+            return True
+        finally:
+            self.lock.release()

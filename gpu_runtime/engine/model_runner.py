@@ -189,7 +189,10 @@ class ModelRunner:
             run()  # compiles Triton kernels and warms cuBLAS outside the capture
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # Graphs are captured lazily while the worker serves; other threads may map, unmap or synchronise for
+        # other models meanwhile. "thread_local" confines capture's restrictions to this thread ("global", the
+        # default, would fail the capture or their calls).
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             out = run()
         log.info("captured %s CUDA graph in %.0f ms", what, 1e3 * (time.perf_counter() - began))
         return graph, out

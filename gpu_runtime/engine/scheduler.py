@@ -77,6 +77,10 @@ class Scheduler:
 
     def schedule(self) -> tuple[Batch | None, list[Sequence]]:
         """The next batch, and sequences that can never fit in the KV cache (to be finished by the caller)."""
+        with self.blocks.lock:  # the limit must not drop between a check and its allocation (block_manager.py)
+            return self._schedule()
+
+    def _schedule(self) -> tuple[Batch | None, list[Sequence]]:
         batch = self._schedule_prefill()
         if batch is None and not self.running and self.waiting:
             return None, self._unblock()

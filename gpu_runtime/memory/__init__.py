@@ -4,14 +4,12 @@ COLD -> HOST -> WARM -> HOT, a fast loader, and KV cache reservation. ``ModelHos
 from gpu_runtime.memory.host_cache import HostCacheFull
 from gpu_runtime.memory.model_host import ModelHost, ModelLoadError, ModelTooLarge
 from gpu_runtime.memory.pool import ModelMemoryError, PoolExhausted
-from gpu_runtime.memory.states import ModelState
 
 __all__ = [
     "HostCacheFull",
     "ModelHost",
     "ModelLoadError",
     "ModelMemoryError",
-    "ModelState",
     "ModelTooLarge",
     "PoolExhausted",
 ]

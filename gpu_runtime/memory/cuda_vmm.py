@@ -146,10 +146,6 @@ class CudaVmmBackend:
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
 
-    def free_bytes(self) -> int:
-        free, _total = torch.cuda.mem_get_info(self.device)
-        return int(free)
-
     def _ptr(self, rng: CudaRange, slot: int):
         if not 0 <= slot < rng.n_slots:
             raise IndexError(f"slot {slot} outside a range of {rng.n_slots} slots")

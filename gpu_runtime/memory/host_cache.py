@@ -3,6 +3,9 @@
 An image is kept as a list of ``chunk_bytes`` host tensors, chunk i holding bytes [i*chunk, (i+1)*chunk) of the
 model's weight buffer, so HOST->WARM is one host->device copy per pool chunk. Chunks are pinned on CUDA workers
 (pageable copies run ~13x slower) and recycled between models: pinning is paid once per chunk, not per load.
+
+An image that a copy is reading or writing is held (``hold``): the LRU never drops it to make room for another.
+Not thread-safe: the caller (``ModelHost``) holds its pool lock around every call except ``new_chunk``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class HostCache:
         self._free: list[torch.Tensor] = []
         self._created = 0
         self.entries: OrderedDict[str, list[torch.Tensor]] = OrderedDict()  # oldest first
+        self.held: set[str] = set()  # images a copy is using: never dropped by the LRU
 
     @property
     def used_chunks(self) -> int:
@@ -39,9 +43,30 @@ class HostCache:
         self.entries.move_to_end(name)
         return self.entries[name]
 
+    def hold(self, name: str) -> None:
+        """Keep ``name``'s image while a copy reads or writes it (``unhold`` or ``drop`` ends that)."""
+        assert name in self.entries, f"holding {name!r}, which has no image"
+        self.held.add(name)
+
+    def unhold(self, name: str) -> None:
+        self.held.discard(name)
+
     def new_chunk(self) -> torch.Tensor:
-        """A chunk outside the cache's accounting (staging for a model the cache cannot hold)."""
+        """A chunk outside the cache's accounting (staging for a model the cache cannot hold, or for ``adopt``)."""
         return torch.empty(self.chunk_bytes, dtype=torch.uint8, pin_memory=self.pinned)
+
+    def shortfall(self, n: int) -> int:
+        """How many new chunks ``allocate(n)`` would create now: the caller may make them with ``new_chunk``
+        outside its lock (pinning is slow) and ``adopt`` them first; 0 for an image the cache cannot hold."""
+        if n > self.capacity:
+            return 0
+        return max(0, min(n - len(self._free), self.capacity - self._created))
+
+    def adopt(self, chunks: list[torch.Tensor]) -> None:
+        """Take chunks made by ``new_chunk`` as free ones, up to capacity (the rest are left to the collector)."""
+        chunks = chunks[: self.capacity - self._created]
+        self._free += chunks
+        self._created += len(chunks)
 
     def grow(self, nbytes: int) -> None:
         """Pin up to ``nbytes`` of chunks ahead of time (worker start-up), so loads do not pay for pinning."""
@@ -50,16 +75,23 @@ class HostCache:
             self._created += 1
 
     def allocate(self, name: str, n: int, on_drop: Callable[[str], None]) -> list[torch.Tensor]:
-        """Room for ``name``'s image of ``n`` chunks, dropping least recently used images (``on_drop`` tells
-        the owner of each); HostCacheFull, with nothing dropped, when the whole cache is too small."""
+        """Room for ``name``'s image of ``n`` chunks, dropping least recently used images not held
+        (``on_drop`` tells the owner of each); HostCacheFull, with nothing dropped, if that cannot make room."""
         if n > self.capacity:
             raise HostCacheFull(
                 f"model {name!r}: image needs {n * self.chunk_bytes >> 20} MiB, "
                 f"host cache holds {self.capacity * self.chunk_bytes >> 20} MiB"
             )
+        room = len(self._free) + self.capacity - self._created
+        droppable = sum(len(v) for k, v in self.entries.items() if k == name or k not in self.held)
+        if room + droppable < n:
+            raise HostCacheFull(
+                f"model {name!r}: image needs {n * self.chunk_bytes >> 20} MiB; the rest of the host cache is "
+                f"held by images being copied"
+            )
         self.drop(name)
         while len(self._free) + self.capacity - self._created < n:
-            victim = next(iter(self.entries))
+            victim = next(k for k in self.entries if k not in self.held)
             self.drop(victim)
             on_drop(victim)
         while len(self._free) < n:
@@ -70,4 +102,5 @@ class HostCache:
         return chunks
 
     def drop(self, name: str) -> None:
+        self.held.discard(name)
         self._free.extend(self.entries.pop(name, []))

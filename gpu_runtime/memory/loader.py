@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from gpu_runtime.engine.config import ModelFileError
 from gpu_runtime.weights import SAFETENSORS_DTYPES, Slot, WeightLayout
+from modelinfo.config import ModelFileError
 
 PIECE_BYTES = 16 << 20  # one pread: big enough to stream, small enough to spread a 1 GiB tensor over threads
 _DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}

@@ -79,6 +79,8 @@ def r(redis_url) -> Iterator[redis.Redis]:
 def cache_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("warmserve-cache")
     os.environ["WARMSERVE_CACHE"] = str(path)  # `cache:` model paths resolve here in this process and children
+    # tests build models in their own tmp_path too: let gateways (children inherit this) serve from anywhere there
+    os.environ["WARMSERVE_MODEL_ROOTS"] = str(tmp_path_factory.getbasetemp())
     return path
 
 
@@ -120,7 +122,7 @@ class Stack:
         )
         self.workers[worker_id] = proc
         r = redis.Redis.from_url(self.redis_url)
-        wait_for(lambda: r.zscore("ws:workers", worker_id) is not None, what=f"worker {worker_id} heartbeat")
+        wait_for(lambda: r.zscore("ws:workers", worker_id) is not None, 120, f"worker {worker_id} heartbeat")
         return proc
 
     def stop(self) -> None:
@@ -154,7 +156,7 @@ def start_stack(redis_url: str, logs: Path, workers: int = 1) -> Stack:
         stderr=subprocess.STDOUT,
     )
     stack = Stack(redis_url, f"http://127.0.0.1:{port}", gateway, logs=logs)
-    wait_for(lambda: httpx.get(f"{stack.url}/healthz").status_code == 200, what="gateway /healthz")
+    wait_for(lambda: httpx.get(f"{stack.url}/healthz").status_code == 200, 120, "gateway /healthz")
     for i in range(workers):
         stack.start_worker(f"w{i}-{os.getpid()}")
     return stack

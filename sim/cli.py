@@ -18,7 +18,7 @@ from protocol.settings import DEFAULTS
 from sim import paper_setup
 from sim.engine_model import DEFAULT_PROFILE
 from sim.report import markdown_table, measured, plot_timeline, plot_ttft_cdf, ttfts
-from sim.scenario import POLICIES, run_policy
+from sim.scenario import ABLATIONS, POLICIES, run_policy
 from warmer.forecast import METHODS
 
 log = logging.getLogger("sim")
@@ -26,10 +26,10 @@ log = logging.getLogger("sim")
 
 def _policies(s: str) -> list[str]:
     names = [p.strip() for p in s.split(",") if p.strip()]
-    bad = [p for p in names if p not in POLICIES]
+    bad = [p for p in names if p not in POLICIES + ABLATIONS]
     if bad or not names:
         raise argparse.ArgumentTypeError(
-            f"unknown policy {', '.join(bad) or '(none)'}; choose from {', '.join(POLICIES)}"
+            f"unknown policy {', '.join(bad) or '(none)'}; choose from {', '.join(POLICIES + ABLATIONS)}"
         )
     return names
 

@@ -11,8 +11,12 @@ What is modelled, and why at this grain (docs/simulator.md has the full list):
   memory-bandwidth bound and prefill compute bound, so co-located engines' steps add up rather than overlap).
 - Loads: disk -> host cache (per worker, FIFO disk, LRU host cache), host -> GPU over a per-GPU PCIe link (FIFO);
   a disk read and its PCIe copy are pipelined (ServerlessLLM's loader). Then an engine start (policy-dependent).
-- KV lending: WARM weights may sit in memory a HOT instance would use for KV; when that instance needs it, the
+- KV reservations: an instance whose policy reserves KV (warmserve, like the live worker's memory pool) holds a
+  KV pool per GPU from activation to deactivation; its requests use that pool, and it counts as taken memory.
+- KV lending: WARM weights may sit in the idle part of a HOT instance's pool; when that instance needs it, the
   WARM borrowers on that GPU are evicted (to HOST) on the spot.
+- A request whose KV cannot fit next to its model's weights on an empty GPU is refused on arrival (the gateway's
+  400): it never queues, so it blocks nobody.
 Policies (sim/policies.py) act only through the methods marked "policy API" below.
 """
 
@@ -40,6 +44,11 @@ class SimFunction:
     capacity_rps: float
     keep_alive_s: float
     target_concurrency: int  # requests per instance before an autoscaler wants another one
+    # per GPU (sim/sizing.py): the KV one instance keeps live at `capacity_rps` (an engine owning its memory), and
+    # warmserve's KV pool, sized for the function's own traffic, with the capacity that pool gives
+    kv_full_bytes: float = 0.0
+    kv_pool_bytes: float = 0.0
+    pool_capacity_rps: float = 0.0
 
 
 class Inst:
@@ -48,9 +57,12 @@ class Inst:
     __slots__ = (
         "iid", "f", "gpus", "node", "state", "since", "last_used", "ready_at", "ver", "heap", "V", "t_upd",
         "waiting", "in_prefill", "batch", "n_active", "kv_tok", "busy", "then", "shard", "kv_bytes", "kv_cap", "step_s",
+        "reserve",
     )  # fmt: skip
 
-    def __init__(self, iid: int, f: int, gpus: tuple[int, ...], node: int, state: ModelState, now: float, shard: int):
+    def __init__(
+        self, iid: int, f: int, gpus: tuple[int, ...], node: int, state: ModelState, now: float, shard: int, reserve=0.0
+    ):
         self.iid, self.f, self.gpus, self.node, self.state = iid, f, gpus, node, state
         self.since = self.last_used = self.ready_at = self.t_upd = now
         self.ver = 0
@@ -66,7 +78,10 @@ class Inst:
         self.shard = shard
         self.kv_bytes = 0.0  # per GPU, held by this instance's live requests
         self.step_s = 0.0  # its own current step (decode step or running prefill), before GPU sharing
-        self.kv_cap = float("inf")  # per GPU: KV quota set by the policy (MuxServe's quotas, WarmServe's reservation)
+        # per GPU: KV pool held while HOT (0: none, requests take free memory as they come)
+        self.reserve = float(reserve)
+        # per GPU: KV quota (MuxServe's quotas set by the static policy; a reserving instance's own pool)
+        self.kv_cap = self.reserve or float("inf")
 
     def load(self) -> int:
         return self.n_active + len(self.waiting) + len(self.batch)
@@ -111,6 +126,7 @@ class Sim:
         self.kv_per_tok = [f.engine.m.kv_bytes_per_token / f.engine.m.tp for f in functions]
         nreq = len(workload)
         self.first_token = np.full(nreq, np.nan)
+        self.refused = np.zeros(nreq, dtype=bool)  # could never fit: answered 400 on arrival, not measured
         self.finish = np.full(nreq, np.nan)
         self.arrived = np.zeros(len(functions), dtype=np.int64)
         self.sample_s = sample_s
@@ -119,7 +135,10 @@ class Sim:
         self.max_mem_frac = 0.0
         self.events = 0
         self.completed = 0
-        self.counters = {"loads": 0, "disk_loads": 0, "activations": 0, "reclaims": 0, "evictions": 0}
+        self.counters = {"loads": 0, "disk_loads": 0, "activations": 0, "reclaims": 0, "evictions": 0,
+                         "refused": 0, "dropped": 0}  # fmt: skip
+        self.target = [policy.target_concurrency or f.target_concurrency for f in functions]
+        self.max_batch = policy.max_batch or profile.max_batch
         for node in range(n_nodes):
             for f in host_preload or []:
                 self._host_insert(node, f, workload.start_s)
@@ -178,6 +197,13 @@ class Sim:
     # ---------------------------------------------------------------- requests
     def _arrive(self, r: int, f: int) -> None:
         self.arrived[f] += 1
+        if self._kv_need(f, r) > self.cap - self.fns[f].engine.m.shard_bytes:
+            self.refused[r] = True  # the gateway answers 400 (invoker/admission.py): it never queues
+            self.counters["refused"] += 1
+            return
+        if self.policy.max_queue is not None and sum(len(q) for q in self.queue) >= self.policy.max_queue:
+            self.counters["dropped"] += 1  # the server's queue is full: 503, a miss like any unserved request
+            return
         if self.queue[f]:  # first come, first served
             self.queue[f].append(r)
             self._drain(f)
@@ -189,7 +215,7 @@ class Sim:
             self.queue[f].append(r)
             self.policy.on_pressure(self, f, self.now)
             return
-        if inst.load() >= self.fns[f].target_concurrency:
+        if inst.load() >= self.target[f]:
             self.policy.on_pressure(self, f, self.now)
         self._admit(inst, r)
 
@@ -201,7 +227,7 @@ class Sim:
         need = self._kv_need(f, r)
         best = None
         for x in self.by_fn[f]:
-            if x.state is ModelState.HOT and x.load() < self.p.max_batch and (best is None or x.load() < best.load()):
+            if x.state is ModelState.HOT and x.load() < self.max_batch and (best is None or x.load() < best.load()):
                 if self._kv_fits(x, need):
                     best = x
         return best
@@ -214,14 +240,20 @@ class Sim:
                 return False
         return True
 
-    def _reclaim(self, g: int, need: float) -> bool:
-        """Evict WARM borrowers on GPU g until `need` bytes of KV fit. True if they fit."""
-        for x in sorted((x for x in self.on_gpu[g] if x.state is ModelState.WARM), key=lambda x: x.last_used):
-            if self.cap - self.weights[g] - self.kv[g] >= need:
+    def _reclaim(self, g: int, need: float, exclude: Inst | None = None) -> bool:
+        """Evict WARM borrowers on GPU g until `need` bytes fit: of live KV (physical room), or with `exclude` (an
+        instance being activated) of a new pool (room no pool holds, unless the policy lends). True if they fit."""
+
+        def room() -> float:
+            return self.physical_free(g) if exclude is None or self.policy.lends else self.free_bytes(g)
+
+        warm = (x for x in self.on_gpu[g] if x.state is ModelState.WARM and x is not exclude)
+        for x in sorted(warm, key=lambda x: (x.last_used, x.iid)):
+            if room() >= need:
                 break
             self.counters["reclaims"] += 1
             self.unload(x)
-        return self.cap - self.weights[g] - self.kv[g] >= need
+        return room() >= need
 
     def _admit(self, x: Inst, r: int) -> None:
         need = self._kv_need(x.f, r)
@@ -347,7 +379,17 @@ class Sim:
         return self.by_fn[f]
 
     def free_bytes(self, g: int) -> float:
+        """Memory of GPU g holding no weights, no live KV and no KV pool of a HOT instance (negative when WARM
+        weights are lent the idle part of a pool)."""
+        return self.cap - self.weights[g] - self.kv[g] - self.idle_reserved(g)
+
+    def physical_free(self, g: int) -> float:
+        """Memory of GPU g holding no weights and no live KV: what lending may use."""
         return self.cap - self.weights[g] - self.kv[g]
+
+    def idle_reserved(self, g: int) -> float:
+        """The idle part of the KV pools of HOT instances on GPU g."""
+        return sum(max(0.0, x.reserve - x.kv_bytes) for x in self.on_gpu[g] if x.reserve and x.state is ModelState.HOT)
 
     def node_gpus(self, node: int) -> range:
         return range(node * self.gpn, (node + 1) * self.gpn)
@@ -413,14 +455,19 @@ class Sim:
             cache[f] = ready
             self.host_used[node] += nbytes
 
-    def activate(self, x: Inst) -> None:
-        """WARM -> HOT: map KV pages (milliseconds)."""
+    def activate(self, x: Inst) -> bool:
+        """WARM -> HOT: map KV pages (milliseconds). A pool must fit in memory no weights or live KV hold and, unless
+        the policy lends idle pool memory, no other pool holds: WARM copies on its GPUs are evicted for it; if it
+        still does not fit, nothing happens and False is returned."""
         assert x.state is ModelState.WARM, x.state
+        if x.reserve and not all(self._reclaim(g, x.reserve, exclude=x) for g in x.gpus):
+            return False
         self.counters["activations"] += 1
         x.state, x.since = ModelState.HOT, self.now
         x.ready_at = self.now + self.p.activate_s
         self._drain(x.f)
         self._kick(x)
+        return True
 
     def deactivate(self, x: Inst) -> None:
         """HOT -> WARM; only an idle instance (its requests would be lost otherwise)."""
@@ -446,10 +493,10 @@ class Sim:
     def _new(self, f: int, gpus: tuple[int, ...], state: ModelState) -> Inst:
         shard = self.fns[f].engine.m.shard_bytes
         for g in gpus:
-            if self.free_bytes(g) < shard:
+            if self.physical_free(g) < shard:
                 raise RuntimeError(f"GPU {g}: no room for {self.fns[f].name} ({shard / 1e9:.1f} GB)")
         self._iid += 1
-        x = Inst(self._iid, f, gpus, gpus[0] // self.gpn, state, self.now, shard)
+        x = Inst(self._iid, f, gpus, gpus[0] // self.gpn, state, self.now, shard, self.policy.kv_reserve(f))
         self.insts[x.iid] = x
         self.by_fn[f].append(x)
         for g in gpus:

@@ -118,12 +118,12 @@ class EngineModel:
         """One decode step of `batch` sequences holding `kv_tokens` tokens of KV in total."""
         return self._decode_fixed + batch * self.p.per_seq_step_s + kv_tokens * self._kv_s_per_token
 
-    def capacity_rps(self, mean_prompt: float, mean_output: float) -> float:
-        """Requests/s one instance sustains at batch `capacity_batch`, derated by `capacity_headroom`.
+    def capacity_rps(self, mean_prompt: float, mean_output: float, batch: int | None = None) -> float:
+        """Requests/s one instance sustains at `batch` (default `capacity_batch`), derated by `capacity_headroom`.
 
         In steady state at rate r each second spends r * prefill on prefills; the rest runs decode steps of B
         sequences: r * out tokens = B * (1 - r * prefill) / step  =>  r = B / (out * step + B * prefill)."""
-        b = self.p.capacity_batch
+        b = batch or self.p.capacity_batch
         step = self.decode_step_s(b, b * (mean_prompt + mean_output / 2))
         r = b / (mean_output * step + b * self.prefill_s(int(mean_prompt)))
         return r * self.p.capacity_headroom

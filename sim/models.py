@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from modelinfo import ModelConfig, config_from_dict, dtype_bytes
+from modelinfo import ModelConfig, config_from_dict
 
-SERVING_DTYPE = "bfloat16"
+SERVING_DTYPE = "bfloat16"  # or "fp8": about half the weight bytes, so twice the models fit WARM
 
 _LLAMA2 = {"architectures": ["LlamaForCausalLM"], "hidden_act": "silu", "vocab_size": 32000,
            "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
@@ -32,7 +32,7 @@ class ModelShape:
     """What the engine model and the memory accounting need of one model served at one TP degree."""
 
     name: str
-    weight_bytes: int  # whole model in the serving dtype
+    weight_bytes: int  # whole model in the serving dtype (FP8 projections + their scales under "fp8")
     kv_bytes_per_token: int  # K and V of one token, all layers, whole model
     layers: int
     params: int  # weight elements: prefill costs 2 FLOPs per parameter per token
@@ -50,7 +50,7 @@ def shape(name: str, cfg: ModelConfig, tp: int, dtype: str = SERVING_DTYPE) -> M
         weight_bytes=weights,
         kv_bytes_per_token=cfg.kv_bytes_per_token(dtype),
         layers=cfg.num_hidden_layers,
-        params=weights // dtype_bytes(dtype),  # the buffer's alignment padding is < 0.01% of it
+        params=cfg.num_params(),
         tp=tp,
     )
 

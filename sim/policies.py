@@ -1,14 +1,17 @@
 """Serving policies, all through one interface (`Policy`), so the simulator compares like with like.
 
 - warmserve: this project. Forecast per function (warmer.forecast), evict-aware prewarming and scale decisions from
-  warmer.placement.plan (the same code the live warmer runs), KV lending (WARM weights in idle KV memory, reclaimed
-  by the lender), and a fast path that activates a WARM copy (milliseconds) the moment a function is short of
-  capacity.
+  warmer.placement.plan (the same code the live warmer runs), a KV pool per HOT instance with its idle part lent
+  to WARM weights (reclaimed by the lender), and a fast path that activates a WARM copy (milliseconds) the moment
+  a function is short of capacity. `Ablation` takes one technique away, or makes the forecast perfect.
 - ondemand: ServerlessLLM-like. An instance owns its GPUs. Load on demand from host memory at PCIe speed (disk when
   the host cache misses, pipelined), then an engine start; scale out when instances are saturated; keep-alive,
   then scale to zero. Idle instances are evicted (LRU) when GPUs are needed: generous to the baseline.
-- lru: Ollama-like. One instance per function, several functions per GPU when memory allows, LRU unload of idle
-  models when memory is needed, keep_alive 5 min, at most 3 loaded models per GPU.
+  `serverlessllm()` is the same mechanism with ServerlessLLM's documented defaults (keep-alive 0, target
+  concurrency 1, at most 10 instances); `ondemand-tuned` has the best keep-alive of a sweep (TUNED_KEEP_ALIVE_S).
+- ollama: Ollama as documented. One instance per function serving one request at a time (OLLAMA_NUM_PARALLEL 1),
+  several functions per GPU when memory allows, LRU unload of idle models when memory is needed, keep_alive
+  5 min, at most 3 x GPUs loaded models, at most 512 queued requests, then 503.
 - static: MuxServe-like. A fixed set of co-resident instances sharing GPUs (memory and compute), placed once from
   the *true* mean rate of each function over the run (oracle knowledge, generous to the baseline): replicas are
   added to the most loaded function while memory allows, each on the least loaded GPUs. No loading ever.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -28,7 +32,7 @@ from protocol.states import ControlAction, ModelState
 from sim.cluster import Inst, Sim
 from warmer.cluster import GPU, ClusterView, FunctionSpec, Instance, Load, Worker
 from warmer.forecast import Prediction, act_on, make_forecaster, this_and_next
-from warmer.placement import plan
+from warmer.placement import Options, plan
 
 KV_MIN_BYTES = 8e9  # per GPU left for KV when a baseline places weights on a shared GPU
 
@@ -36,6 +40,14 @@ KV_MIN_BYTES = 8e9  # per GPU left for KV when a baseline places weights on a sh
 class Policy:
     name = ""
     tick_s: float | None = None
+    target_concurrency: int | None = None  # requests per instance before on_pressure (None: the function's)
+    max_batch: int | None = None  # requests an instance runs at once (None: the profile's)
+    max_queue: int | None = None  # requests waiting in the whole cluster before new ones get 503 (None: no limit)
+    lends: bool = False  # idle KV pool memory may hold other functions' WARM weights and new pools
+
+    def kv_reserve(self, f: int) -> float:
+        """KV pool per GPU an instance of f holds while HOT (0: its requests take free memory as they come)."""
+        return 0.0
 
     def setup(self, sim: Sim) -> None:
         """Initial placement (instances carried over from before the run are placed with Sim.place)."""
@@ -98,11 +110,12 @@ class Static(Policy):
 
     name = "static"
 
-    def __init__(self, mean_rps: np.ndarray, kv_at_capacity: list[float], split_above: float = 0.7):
-        self.mean_rps, self.kv_at_cap, self.split_above = mean_rps, kv_at_capacity, split_above
+    def __init__(self, mean_rps: np.ndarray, split_above: float = 0.7):
+        self.mean_rps, self.split_above = mean_rps, split_above
 
     def setup(self, sim: Sim) -> None:
         nf = len(sim.fns)
+        self.kv_at_cap = [fn.kv_full_bytes for fn in sim.fns]  # the KV one replica keeps live at its capacity
         demand = [r / fn.capacity_rps for r, fn in zip(self.mean_rps, sim.fns, strict=True)]
         reps = [max(1, math.ceil(d / self.split_above)) for d in demand]
 
@@ -150,18 +163,30 @@ class Static(Policy):
         self.replicas = placed
 
 
+# Keep-alive of `ondemand-tuned`: the best of the sweep in bench/results/sim_ondemand_keepalive.json
+# (sim/ablation.py keepalive_sweep; docs/simulator.md).
+TUNED_KEEP_ALIVE_S = 600.0
+
+
 class OnDemand(Policy):
     name = "ondemand"
     tick_s = 0.5
 
-    def __init__(self, max_instances: int = 8):
-        self.max_instances = max_instances
+    def __init__(
+        self,
+        keep_alive_s: float = 60.0,
+        max_instances: int = 8,
+        target_concurrency: int | None = None,
+        name: str = "ondemand",
+    ):
+        self.keep_alive_s, self.max_instances = keep_alive_s, max_instances
+        self.target_concurrency, self.name = target_concurrency, name
 
     def on_pressure(self, sim: Sim, f: int, now: float) -> None:
         insts = sim.instances(f)
         loading = [x for x in insts if x.state is ModelState.LOADING]
         # One load at a time per function unless the queue outgrows what the loading copies will take.
-        if loading and len(sim.queue[f]) <= len(loading) * sim.fns[f].target_concurrency:
+        if loading and len(sim.queue[f]) <= len(loading) * sim.target[f]:
             return
         if len(insts) >= self.max_instances:
             return
@@ -188,23 +213,40 @@ class OnDemand(Policy):
 
     def on_tick(self, sim: Sim, now: float) -> None:
         for x in list(sim.insts.values()):
-            if x.state is ModelState.HOT and _idle(x) and now - x.last_used >= sim.fns[x.f].keep_alive_s:
+            if x.state is ModelState.HOT and _idle(x) and now - x.last_used >= self.keep_alive_s:
                 sim.unload(x)  # scale to zero
         for f, q in enumerate(sim.queue):
             if q:
                 self.on_pressure(sim, f, now)
 
 
-class LRU(Policy):
-    name = "lru"
+def serverlessllm() -> OnDemand:
+    """ServerlessLLM's documented defaults (`sllm-cli deploy` auto_scaling_config): target 1 concurrent request
+    per instance, min 0, max 10 instances, keep_alive 0 s. Its loader is the pipelined disk/host -> GPU path the
+    simulator models for every load; the engine start is the profile's `cold_engine_start_s`."""
+    return OnDemand(keep_alive_s=0.0, max_instances=10, target_concurrency=1, name="serverlessllm")
+
+
+class Ollama(Policy):
+    """Ollama's documented defaults: OLLAMA_NUM_PARALLEL 1 (older versions 4), OLLAMA_KEEP_ALIVE 5 min,
+    OLLAMA_MAX_LOADED_MODELS 3 x GPUs, OLLAMA_MAX_QUEUE 512 (then 503). A model goes on the GPUs with the most
+    free memory; idle models are unloaded, least recently used first, when it does not fit."""
+
+    name = "ollama"
     tick_s = 0.5
 
-    def __init__(self, keep_alive_s: float = 300.0, max_per_gpu: int = 3):
-        self.keep_alive_s, self.max_per_gpu = keep_alive_s, max_per_gpu
+    def __init__(self, keep_alive_s: float = 300.0, parallel: int = 1, max_loaded_per_gpu: int = 3, max_queue=512):
+        self.keep_alive_s, self.max_batch, self.max_queue = keep_alive_s, parallel, max_queue
+        self.max_loaded_per_gpu = max_loaded_per_gpu
 
     def on_pressure(self, sim: Sim, f: int, now: float) -> None:
         if sim.instances(f):  # one instance per model: wait for it
             return
+        if len(sim.insts) >= self.max_loaded_per_gpu * sim.n_gpus:
+            idle = [x for x in sim.insts.values() if _idle(x)]
+            if not idle:
+                return
+            sim.unload(min(idle, key=lambda x: (x.last_used, x.iid)))
         tp, shard = sim.fns[f].engine.m.tp, sim.fns[f].engine.m.shard_bytes
         # Like Ollama: the GPUs with the most free memory first; evict only when nothing fits.
         groups = sorted(_groups(sim, tp), key=lambda g: -min(sim.free_bytes(i) for i in g))
@@ -217,7 +259,7 @@ class LRU(Policy):
 
     def _make_room(self, sim: Sim, g: tuple[int, ...], shard: int, evict_ok: bool) -> bool:
         def ok() -> bool:
-            return all(sim.free_bytes(i) - shard >= KV_MIN_BYTES and len(sim.on_gpu[i]) < self.max_per_gpu for i in g)
+            return all(sim.free_bytes(i) - shard >= KV_MIN_BYTES for i in g)
 
         if ok():
             return True
@@ -227,8 +269,7 @@ class LRU(Policy):
             {x.iid: x for i in g for x in sim.on_gpu[i] if _idle(x)}.values(), key=lambda x: (x.last_used, x.iid)
         )
         cap = {i: sim.free_bytes(i) + sum(x.shard for x in idle if i in x.gpus) for i in g}
-        busy_n = {i: sum(1 for x in sim.on_gpu[i] if not _idle(x)) for i in g}
-        if any(cap[i] - shard < KV_MIN_BYTES or busy_n[i] >= self.max_per_gpu for i in g):
+        if any(cap[i] - shard < KV_MIN_BYTES for i in g):
             return False
         for x in idle:
             if ok():
@@ -246,6 +287,26 @@ class LRU(Policy):
 
 
 # --------------------------------------------------------------------------- warmserve
+@dataclass(frozen=True)
+class Ablation:
+    """One WarmServe technique taken away (or the forecast made perfect), to show what each one earns."""
+
+    forecast: str = "model"  # "model": Settings.forecast_method; "none": reactive only; "oracle": the true counts
+    first_fit: bool = False  # placement without costs (warmer.placement.Options.first_fit)
+    lending: bool = True  # WARM weights may use the idle part of HOT instances' KV pools
+
+    @staticmethod
+    def named(variant: str) -> Ablation:
+        """The variant named "" (the full system), "reactive", "oracle", "firstfit" or "nolend"."""
+        return {
+            "": Ablation(),
+            "reactive": Ablation(forecast="none"),
+            "oracle": Ablation(forecast="oracle"),
+            "firstfit": Ablation(first_fit=True),
+            "nolend": Ablation(lending=False),
+        }[variant]
+
+
 class WarmServe(Policy):
     """Planner every `tick_s`, forecasts every window, fast activation path on pressure.
 
@@ -257,14 +318,21 @@ class WarmServe(Policy):
     def __init__(
         self,
         history: np.ndarray,
-        kv_reserve_bytes: list[float],
         settings: Settings = DEFAULTS,
+        ablation: Ablation = Ablation(),
         rate_window_s: float = 30.0,
     ):
         self.history = history  # (functions, windows) counts before the run, ending at the run's start
         self.window_s, self.tick_s = settings.window_s, settings.warmer_interval_s
         self.forecaster = make_forecaster(settings.forecast_method, window_s=settings.window_s)
-        self.kv_reserve = kv_reserve_bytes
+        self.ablation = ablation
+        self.lends = ablation.lending
+        self.options = Options(first_fit=ablation.first_fit)
+        if ablation.forecast not in ("model", "none", "oracle"):
+            raise ValueError(f"warmserve: unknown forecast {ablation.forecast!r}; choose model, none or oracle")
+        self.name = "warmserve" + {"model": "", "none": "-reactive", "oracle": "-oracle"}[ablation.forecast]
+        self.name += "-firstfit" * ablation.first_fit + "-nolend" * (not ablation.lending)
+        self._pools: list[float] = []
         self.lead_s = settings.lead_s
         self.history_windows = settings.history_windows
         self._cur: dict[str, Prediction] = {}
@@ -279,8 +347,13 @@ class WarmServe(Policy):
     def _forecast(self, sim: Sim, now: float) -> dict[str, Prediction]:
         """Predictions the planner acts on now: the current window's, and within `lead_s` of the next window
         the larger of it and the next window's (a one-step-ahead forecast fed the current one as if observed),
-        so weights are resident before a forecast burst starts rather than when it starts."""
+        so weights are resident before a forecast burst starts rather than when it starts. Ablations: no forecast
+        at all (the planner works from the measured rate alone), or the true counts of both windows."""
+        if self.ablation.forecast == "none":
+            return {}
         w = int((now - sim.w.start_s) // self.window_s)
+        if self.ablation.forecast == "oracle":
+            return self._oracle(sim, now, w)
         if w != self._window:
             self._window = w
             start = sim.w.start_s
@@ -296,19 +369,34 @@ class WarmServe(Policy):
         until_next = sim.w.start_s + (w + 1) * self.window_s - now
         return {n: act_on(c, self._next[n], until_next, self.lead_s) for n, c in self._cur.items()}
 
+    def _oracle(self, sim: Sim, now: float, w: int) -> dict[str, Prediction]:
+        """The true mean rate of the current and the next window (no uncertainty: peak = mean), combined as the
+        real forecast is (`act_on`)."""
+        edges = sim.w.start_s + self.window_s * np.array([w, w + 1, w + 2])
+        until_next = edges[1] - now
+        out = {}
+        for f, fn in enumerate(sim.fns):
+            t = sim.w.t[sim.w.fn == f]
+            cur, nxt = np.diff(np.searchsorted(t, edges)) / self.window_s
+            out[fn.name] = act_on(Prediction(cur, cur), Prediction(nxt, nxt), until_next, self.lead_s)
+        return out
+
+    def kv_reserve(self, f: int) -> float:
+        return self._pools[f]
+
     # -- view of the cluster for the planner
     def specs(self, sim: Sim) -> dict[str, FunctionSpec]:
         out = {}
-        for f, fn in enumerate(sim.fns):
+        for fn in sim.fns:
             m = fn.engine.m
             out[fn.name] = FunctionSpec(
                 name=fn.name,
                 weight_bytes=m.weight_bytes,
-                kv_bytes=int(self.kv_reserve[f]),
+                kv_bytes=int(fn.kv_pool_bytes),
                 tp=m.tp,
                 keep_alive_s=fn.keep_alive_s,
                 slo_ttft_s=fn.slo_ttft_s,
-                capacity_rps=fn.capacity_rps,
+                capacity_rps=fn.pool_capacity_rps,
             )
         return out
 
@@ -318,18 +406,13 @@ class WarmServe(Policy):
         for node in range(sim.n_nodes):
             gpus = []
             for g in sim.node_gpus(node):
-                free = sim.free_bytes(g)
-                reserved = sum(
-                    max(0.0, specs[sim.fns[x.f].name].kv_bytes - x.kv_bytes)
-                    for x in sim.on_gpu[g]
-                    if x.state is ModelState.HOT
-                )
-                lend = min(free, reserved)
-                gpus.append(GPU(g - node * sim.gpn, int(sim.cap), int(free - lend), int(lend)))
+                free = max(0.0, sim.free_bytes(g))
+                lend = max(0.0, sim.physical_free(g) - free) if self.ablation.lending else 0.0
+                gpus.append(GPU(g - node * sim.gpn, int(sim.cap), int(free), int(lend)))
             ready = {sim.fns[f].name for f, t in sim.host[node].items() if t <= now}
             coming = {sim.fns[f].name for f, t in sim.host[node].items() if t > now}
             workers.append(
-                Worker(f"node{node}", tuple(gpus), sim.p.host_memory_bytes, frozenset(ready), frozenset(coming))
+                Worker(f"node{node}", tuple(gpus), frozenset(ready), frozenset(coming))
             )
         insts = []
         for x in sim.insts.values():
@@ -367,7 +450,7 @@ class WarmServe(Policy):
 
     # -- acting
     def _run_plan(self, sim: Sim, now: float, initial: bool = False) -> None:
-        actions = plan(self.view(sim, now), self._forecast(sim, now), now)
+        actions = plan(self.view(sim, now), self._forecast(sim, now), now, self.options)
         self.counters["plans"] += 1
         index = {fn.name: f for f, fn in enumerate(sim.fns)}
         for a in actions:
@@ -378,14 +461,16 @@ class WarmServe(Policy):
             if a.kind is ControlAction.LOAD_HOST:
                 sim.load_host(node, f)
             elif a.kind is ControlAction.PREWARM and x is None:
-                if not all(sim.free_bytes(g) >= sim.fns[f].engine.m.shard_bytes for g in gpus):
+                room = sim.physical_free if self.ablation.lending else sim.free_bytes
+                if not all(room(g) >= sim.fns[f].engine.m.shard_bytes for g in gpus):
                     self.counters["skipped"] += 1  # the view was optimistic (KV grew since): next plan retries
                 elif initial:
                     sim.place(f, gpus, ModelState.WARM)
                 else:
                     sim.load(f, gpus, ModelState.WARM, sim.p.warm_bind_s)
             elif a.kind is ControlAction.ACTIVATE and x is not None and x.state is ModelState.WARM:
-                sim.activate(x)
+                if not sim.activate(x):
+                    self.counters["skipped"] += 1  # its KV pool does not fit there now: next plan retries
             elif a.kind is ControlAction.DEACTIVATE and x is not None and x.state is ModelState.HOT and _idle(x):
                 sim.deactivate(x)
             elif a.kind is ControlAction.EVICT and x is not None and x.state is ModelState.WARM:
@@ -394,6 +479,7 @@ class WarmServe(Policy):
                 self.counters["skipped"] += 1
 
     def setup(self, sim: Sim) -> None:
+        self._pools = [fn.kv_pool_bytes for fn in sim.fns]
         # History windows are counted from time 0, so they must end exactly where the run starts.
         if self.history.shape != (len(sim.fns), int(sim.w.start_s // self.window_s)):
             raise ValueError(
@@ -408,14 +494,18 @@ class WarmServe(Policy):
         self._run_plan(sim, now)
 
     def on_pressure(self, sim: Sim, f: int, now: float) -> None:
-        warm = [x for x in sim.instances(f) if x.state is ModelState.WARM]
-        if warm:  # fast path: a prewarmed copy, activated in milliseconds, on the least busy GPUs
-            x = min(warm, key=lambda x: (max(sim.n_busy[g] for g in x.gpus), x.iid))
-            # On GPUs where other engines are busy a new copy adds little (they take turns) and slows them: there,
-            # activate only once requests actually queue, not merely because the running copies are busy.
-            if max(sim.n_busy[g] for g in x.gpus) == 0 or sim.queue[f]:
-                sim.activate(x)
-            return
+        warm = sorted(
+            (x for x in sim.instances(f) if x.state is ModelState.WARM),
+            key=lambda x: (max(sim.n_busy[g] for g in x.gpus), x.iid),
+        )
+        # fast path: a prewarmed copy, activated in milliseconds, on the least busy GPUs where its KV pool fits.
+        # On GPUs where other engines are busy a new copy adds little (they take turns) and slows them: there,
+        # activate only once requests actually queue, not merely because the running copies are busy.
+        for x in warm:
+            if max(sim.n_busy[g] for g in x.gpus) and not sim.queue[f]:
+                return
+            if sim.activate(x):
+                return
         if any(x.state is ModelState.LOADING for x in sim.instances(f)):
             return
         if now - self._last_reactive.get(f, -1e9) >= 0.5:  # reactive: plan now rather than at the next tick

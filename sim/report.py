@@ -8,8 +8,9 @@ import numpy as np
 
 
 def measured(sim, warmup_s: float) -> np.ndarray:
-    """Indices of requests that count: arrived after the warm-up."""
-    return np.flatnonzero(sim.w.t >= sim.w.start_s + warmup_s)
+    """Indices of requests that count: arrived after the warm-up, and not refused as unfittable (the client's
+    error, answered 400 at once by every policy alike)."""
+    return np.flatnonzero((sim.w.t >= sim.w.start_s + warmup_s) & ~sim.refused)
 
 
 def ttfts(sim, idx: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from protocol.settings import DEFAULTS, Settings
-from sim import policies
+from sim import policies, sizing
 from sim.cluster import Sim, SimFunction
 from sim.engine_model import EngineModel, Profile
 from sim.models import MODELS
@@ -21,7 +21,9 @@ from sim.traces import Workload
 
 log = logging.getLogger("sim")
 
-POLICIES = ("warmserve", "ondemand", "lru", "static", "always-warm")
+POLICIES = ("warmserve", "ondemand", "ondemand-tuned", "serverlessllm", "ollama", "static", "always-warm")
+# warmserve with one technique taken away (or, for the oracle, made perfect): sim/ablation.py
+ABLATIONS = ("warmserve-reactive", "warmserve-oracle", "warmserve-firstfit", "warmserve-nolend")
 
 
 @dataclass
@@ -42,44 +44,69 @@ class Scenario:
 
 
 def make_functions(
-    profile: Profile, models: list[str], names: list[str], mean_prompt: float, mean_output: float, keep_alive_s: float
+    profile: Profile,
+    models: list[str],
+    names: list[str],
+    workload: Workload,
+    keep_alive_s: float,
+    peak_rps: np.ndarray | None = None,
 ) -> list[SimFunction]:
+    """Functions sized from their own requests in `workload` and their recent peak rates (sim/sizing.py): batch,
+    KV pool and capacity."""
     out = []
-    for name, model in zip(names, models, strict=True):
+    for i, (name, model) in enumerate(zip(names, models, strict=True)):
         if model not in MODELS:
             raise ValueError(f"unknown model {model!r} (have {', '.join(MODELS)})")
         eng = EngineModel(profile, MODELS[model])
+        mine = workload.fn == i
+        peak = None if peak_rps is None else float(peak_rps[i])
+        # An engine that owns its memory (the baselines) batches as far as it fits; warmserve's pool is sized
+        # for the function's own traffic.
+        full = sizing.size(eng, profile.usable_bytes, workload.prompt[mine], workload.output[mine])
+        pool = sizing.size(eng, profile.usable_bytes, workload.prompt[mine], workload.output[mine], peak)
         out.append(
             SimFunction(
                 name=name,
                 model=model,
                 engine=eng,
                 slo_ttft_s=eng.slo_ttft_s(),
-                capacity_rps=eng.capacity_rps(mean_prompt, mean_output),
+                capacity_rps=full.capacity_rps,
                 keep_alive_s=keep_alive_s,
-                target_concurrency=max(1, int(profile.capacity_batch * profile.capacity_headroom)),
+                target_concurrency=max(1, int(full.batch * profile.capacity_headroom)),
+                kv_full_bytes=full.pool_bytes,
+                kv_pool_bytes=pool.pool_bytes,
+                pool_capacity_rps=pool.capacity_rps,
             )
         )
     return out
 
 
 def make_policy(name: str, sc: Scenario) -> policies.Policy:
-    w = sc.workload
-    # KV bytes per GPU of one instance running at its capacity batch: WarmServe's KV reservation, and the
-    # static policy's KV budget per replica.
-    tokens = float(w.prompt.mean()) + float(w.output.mean()) if len(w) else 1.0
-    kv = [sc.profile.capacity_batch * tokens * f.engine.m.kv_bytes_per_token / f.engine.m.tp for f in sc.functions]
-    if name == "warmserve":
-        return policies.WarmServe(sc.history, kv, sc.settings)
+    if name.startswith("warmserve"):
+        variant = name.removeprefix("warmserve").removeprefix("-")
+        if variant and f"warmserve-{variant}" not in ABLATIONS:
+            raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES + ABLATIONS)}")
+        return policies.WarmServe(sc.history, sc.settings, policies.Ablation.named(variant))
     if name == "ondemand":
         return policies.OnDemand()
-    if name == "lru":
-        return policies.LRU()
+    if name == "ondemand-tuned":
+        return policies.OnDemand(keep_alive_s=policies.TUNED_KEEP_ALIVE_S, name="ondemand-tuned")
+    if name == "serverlessllm":
+        return policies.serverlessllm()
+    if name == "ollama":
+        return policies.Ollama()
     if name == "static":
-        return policies.Static(sc.mean_rps, kv)
+        return policies.Static(sc.mean_rps)
     if name == "always-warm":
         return policies.AlwaysWarm(sc.mean_rps)
-    raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
+    raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES + ABLATIONS)}")
+
+
+def recent_peak_rps(history: np.ndarray, window_s: int, days: float = 1.0) -> np.ndarray:
+    """Per function, the highest window rate over the last `days` of history: what a pool is sized for (the
+    live gateway records the same counts)."""
+    recent = history[:, -max(1, int(days * 86_400 // window_s)) :]
+    return recent.max(axis=1) / window_s if recent.size else np.zeros(len(history))
 
 
 def run_policy(sc: Scenario, name: str, sample_s: float = 10.0) -> tuple[Sim, dict]:

@@ -33,7 +33,7 @@ def scenario(times, history=None, outputs=50, prompt=512, warmup=0.0, start=3 * 
         start_s=start,
         duration_s=duration or float(times[-1]) + 1.0,
     )
-    fns = make_functions(PROFILE, ["llama-7b"], ["f"], prompt, outputs, keep_alive_s=60.0)
+    fns = make_functions(PROFILE, ["llama-7b"], ["f"], wl, keep_alive_s=60.0)
     hist = np.zeros((1, int(start // DEFAULTS.window_s)), np.int64) if history is None else history[None, :]
     return Scenario(PROFILE, fns, wl, n_nodes=1, gpus_per_node=2, history=hist, warmup_s=warmup)
 
@@ -84,9 +84,11 @@ def small():
 def test_every_request_finishes_exactly_once_and_memory_fits(small, policy):
     sim, s = run_policy(small, policy, sample_s=1.0)
     n = len(small.workload)
-    assert sim.completed == n  # _done raises on a second finish of one request
-    assert not np.isnan(sim.finish).any() and not np.isnan(sim.first_token).any()
-    assert np.all(sim.first_token >= sim.w.t) and np.all(sim.finish >= sim.first_token)
+    # _done raises on a second finish of one request; ollama answers 503 once its queue is full
+    assert sim.completed + sim.counters["refused"] + sim.counters["dropped"] == n
+    served = ~np.isnan(sim.first_token)
+    assert served.sum() == sim.completed and not np.isnan(sim.finish[served]).any()
+    assert np.all(sim.first_token[served] >= sim.w.t[served]) and np.all(sim.finish[served] >= sim.first_token[served])
     assert sim.max_mem_frac <= 1.0 + 1e-9
     assert all(sim.weights[g] >= -1 and sim.kv[g] >= -1 for g in range(sim.n_gpus))
     assert set(s) >= {
@@ -114,7 +116,7 @@ def test_warmserve_policy_plans_with_the_live_warmers_settings():
     # The simulated warmer must be the deployed one: same forecaster, windows, lead, interval and history.
     live = (DEFAULTS.window_s, DEFAULTS.lead_s, DEFAULTS.warmer_interval_s, DEFAULTS.history_windows)
     forecaster = make_forecaster(DEFAULTS.forecast_method, window_s=DEFAULTS.window_s)
-    for pol in (WarmServe(np.zeros((1, 1)), [0.0]), make_policy("warmserve", scenario([1.0]))):
+    for pol in (WarmServe(np.zeros((1, 1))), make_policy("warmserve", scenario([1.0]))):
         assert (pol.window_s, pol.lead_s, pol.tick_s, pol.history_windows) == live
         assert pol.forecaster == forecaster
     assert paper_setup.build(4.0, duration_s=60.0).settings == DEFAULTS
@@ -184,7 +186,7 @@ def test_same_seed_replays_exactly_in_another_process(tmp_path):
     def go(i: int) -> list[dict]:
         out = tmp_path / f"{i}.json"
         cmd = [sys.executable, "-m", "sim", "run", "--rate", "12", "--duration", "300", "--json", str(out),
-               "--policies", "warmserve,static,ondemand,lru"]  # fmt: skip
+               "--policies", "warmserve,static,ondemand,ollama"]  # fmt: skip
         env = os.environ | {"PYTHONHASHSEED": str(i)}
         subprocess.run(cmd, check=True, capture_output=True, env=env, cwd=paper_setup.DEFAULT_PROFILE.parents[2])
         return [{k: v for k, v in r.items() if k != "wall_s"} for r in json.loads(out.read_text())]

@@ -31,7 +31,6 @@ class GPU:
 class Worker:
     name: str
     gpus: tuple[GPU, ...]
-    host_capacity_bytes: int = 0
     host_cached: frozenset[str] = frozenset()  # functions whose weights are in pinned host memory (HOST)
     host_loading: frozenset[str] = frozenset()  # disk -> host copies in flight
 
@@ -114,9 +113,8 @@ class Action:
 def apply_actions(view: ClusterView, actions: list[Action], now: float) -> ClusterView:
     """The view as it will be once `actions` are under way: what a planner must see to not repeat itself.
 
-    load_host marks the function host_loading; prewarm adds a LOADING instance and takes its memory; activate,
-    deactivate and evict change the state in place. Memory of KV reservations is not modelled here (the next real
-    view reports it)."""
+    load_host marks the function host_loading; prewarm adds a LOADING instance and takes its memory; activate
+    takes its KV pool and deactivate gives it back; evict frees the weights."""
     workers = {w.name: w for w in view.workers}
     insts = list(view.instances)
     for a in actions:
@@ -140,8 +138,9 @@ def apply_actions(view: ClusterView, actions: list[Action], now: float) -> Clust
             insts.pop(idx)
             workers[a.worker] = _take(w, a.gpus, -spec.shard_bytes)
         else:
-            state = ModelState.HOT if a.kind is ControlAction.ACTIVATE else ModelState.WARM
-            insts[idx] = replace(x, state=state, since=now)
+            hot = a.kind is ControlAction.ACTIVATE
+            insts[idx] = replace(x, state=ModelState.HOT if hot else ModelState.WARM, since=now)
+            workers[a.worker] = _take(w, a.gpus, spec.kv_bytes if hot else -spec.kv_bytes)
     return replace(view, workers=tuple(workers[w.name] for w in view.workers), instances=tuple(insts))
 
 

@@ -1,8 +1,11 @@
 """Evict-aware placement: from forecasts and the cluster view, the prewarm/activate/evict steps to take now.
 
 `plan` is a pure function. It walks functions from the most to the least forecast demand and, for each:
-1. sizes it: resident (WARM or HOT) instances to cover the forecast *peak* of the next window, HOT instances to
-   cover the forecast *mean* (activation is milliseconds, so peaks are served by activating WARM copies);
+1. sizes it: resident (WARM or HOT) instances to cover the forecast *peak* of the next window times
+   (1 + `Options.burst_margin`), HOT instances to cover the forecast *mean* (activation is milliseconds, so
+   bursts are served by activating WARM copies). The forecast's peak bounds the window's mean rate (its
+   uncertainty); bursts *inside* a window are the planner's margin, so an exact forecast (peak = mean) still
+   gets room for them and a better forecast never leaves less room than the arrivals need;
    reactive scale-up adds one more when requests queue and nothing is on its way (a burst the forecast missed);
 2. activates WARM copies up to the HOT target, deactivates HOT ones idle past keep_alive_s beyond it, evicts
    WARM ones idle past keep_alive_s beyond the resident target;
@@ -13,8 +16,9 @@
    - prefer GPUs whose residents have little forecast compute demand, and lenders with low forecast demand;
    - prefer workers that hold the weights in host memory (PCIe copy, not a disk read);
    - if nothing fits, evict idle WARM copies of functions with less forecast demand.
-Every step updates a working copy of the view, so later functions see earlier decisions and planning again on
-the view with the actions applied (`warmer.cluster.apply_actions`) yields nothing new.
+`Options.first_fit` drops every cost (the first group where a copy fits wins): the ablation that shows what the
+costs earn. Every step updates a working copy of the view, so later functions see earlier decisions and planning
+again on the view with the actions applied (`warmer.cluster.apply_actions`) yields nothing new.
 """
 
 from __future__ import annotations
@@ -35,41 +39,63 @@ _W_OVERLOAD = 20.0  # per unit of forecast compute demand above one GPU's worth
 
 
 @dataclass(frozen=True)
+class Options:
+    # Within a 5-minute window the Azure traces burst to about 1.5-2x their mean for tens of seconds: resident
+    # copies cover the forecast peak plus this share, so a burst finds a WARM copy to activate, not a load.
+    burst_margin: float = 0.5
+    first_fit: bool = False  # ablation: no costs, the first group where a copy fits
+
+
+DEFAULT_OPTIONS = Options()
+
+
+@dataclass(frozen=True)
 class _Demand:
     hot: int  # HOT instances wanted
     resident: int  # WARM + HOT (+ LOADING) instances wanted
     util: float  # forecast mean in instances' worth of capacity: sorts functions, weighs co-location
     burst: float  # forecast peak above mean, in instances' worth
+    # requests wait and no copy serves or is coming: planned first, and may evict any idle copy of a function
+    # that is not starved itself (a forecast must never keep a function with live requests waiting for ever)
+    starved: bool = False
+
+    @property
+    def rank(self) -> float:
+        return math.inf if self.starved else self.util
 
 
-def plan(view: ClusterView, predictions: dict[str, Prediction], now: float) -> list[Action]:
+def plan(
+    view: ClusterView, predictions: dict[str, Prediction], now: float, options: Options = DEFAULT_OPTIONS
+) -> list[Action]:
     """Actions to take now, in order. Functions without a prediction are treated as forecast idle."""
     demand = {
-        name: _demand(spec, predictions.get(name), view.load.get(name, Load())) for name, spec in view.functions.items()
+        name: _demand(view, spec, predictions.get(name), options.burst_margin) for name, spec in view.functions.items()
     }
     actions: list[Action] = []
-    order = sorted(view.functions, key=lambda n: (-demand[n].util, n))
+    order = sorted(view.functions, key=lambda n: (-demand[n].rank, -demand[n].util, n))
     for name in order:
         spec, d = view.functions[name], demand[name]
         step = _scale(view, spec, d, demand, now)
-        step += _prewarm(apply_actions(view, step, now), spec, d, demand, now)
+        step += _prewarm(apply_actions(view, step, now), spec, d, demand, now, options.first_fit)
         view = apply_actions(view, step, now)
         actions += step
     return actions
 
 
-def _demand(spec: FunctionSpec, pred: Prediction | None, load: Load) -> _Demand:
+def _demand(view: ClusterView, spec: FunctionSpec, pred: Prediction | None, margin: float) -> _Demand:
+    load = view.load.get(spec.name, Load())
     cap = max(spec.capacity_rps, 1e-9)
     mean = pred.mean if pred else 0.0
     peak = max(pred.peak if pred else 0.0, mean)
     now_rps = load.arrivals_rps
     hot = math.ceil(max(mean, now_rps) / cap - 1e-9)
-    resident = math.ceil(max(peak, now_rps) / cap - 1e-9)
+    resident = math.ceil(max(peak, now_rps) * (1.0 + margin) / cap - 1e-9)
     if load.inflight or load.queued:  # live work needs somewhere to run whatever the forecast says
         hot = max(hot, 1)
     hot = min(max(hot, 0), spec.max_instances)
     resident = min(max(resident, hot, spec.min_instances), spec.max_instances)
-    return _Demand(hot, resident, max(mean, now_rps) / cap, max(peak - mean, 0.0) / cap)
+    starved = load.queued > 0 and not _of(view, spec.name, ModelState.HOT, ModelState.LOADING)
+    return _Demand(hot, resident, max(mean, now_rps) / cap, max(peak - mean, 0.0) / cap, starved)
 
 
 def _of(view: ClusterView, name: str, *states: ModelState) -> list[Instance]:
@@ -83,11 +109,13 @@ def _scale(view: ClusterView, spec: FunctionSpec, d: _Demand, demand: dict[str, 
     out: list[Action] = []
     load = _gpu_util(view, demand, exclude=spec.name)
     want = d.hot + _reactive(view, spec, hot)
-    # Activate the copies on the least busy GPUs first.
+    # Activate the copies on the least busy GPUs first, where the KV pool fits.
     warm.sort(key=lambda x: (sum(load.get((x.worker, g), 0.0) for g in x.gpus), x.worker, x.gpus))
-    for x in warm[: max(0, want - len(hot))]:
+    ready = [x for x in warm if _pool_fits(view, x, spec)][: max(0, want - len(hot))]
+    for x in ready:
         out.append(Action(ControlAction.ACTIVATE, spec.name, x.worker, x.gpus))
-    warm = warm[max(0, want - len(hot)) :]
+        view = apply_actions(view, out[-1:], now)
+    warm = [x for x in warm if x not in ready]
 
     def idle(x: Instance) -> bool:
         return x.inflight == 0 and now - x.last_used >= spec.keep_alive_s
@@ -102,22 +130,46 @@ def _scale(view: ClusterView, spec: FunctionSpec, d: _Demand, demand: dict[str, 
     return out
 
 
+def _pool_fits(view: ClusterView, x: Instance, spec: FunctionSpec) -> bool:
+    """Whether copy x, once activated, gets its KV pool: from free or lent memory, and from WARM copies on its
+    GPUs (activating evicts them, as reclaiming lent memory does)."""
+    w = view.worker(x.worker)
+    by_index = {g.index: g for g in w.gpus}
+    for gi in x.gpus:
+        warm = [y for y in _residents(view, x.worker, (gi,)) if y.state is ModelState.WARM and y != x]
+        g = by_index[gi]
+        if (
+            g.free_bytes + g.lendable_kv_bytes + sum(view.functions[y.function].shard_bytes for y in warm)
+            < spec.kv_bytes
+        ):
+            return False
+    return True
+
+
 def _reactive(view: ClusterView, spec: FunctionSpec, hot: list[Instance]) -> int:
     """One more instance when requests queue and every HOT copy is busy: a burst the forecast did not see."""
     load = view.load.get(spec.name, Load())
     return 1 if load.queued > 0 and all(x.inflight > 0 for x in hot) else 0
 
 
-def _prewarm(view: ClusterView, spec: FunctionSpec, d: _Demand, demand: dict[str, _Demand], now: float) -> list[Action]:
-    resident = _of(view, spec.name, ModelState.HOT, ModelState.WARM, ModelState.LOADING)
+def _prewarm(
+    view: ClusterView, spec: FunctionSpec, d: _Demand, demand: dict[str, _Demand], now: float, first_fit: bool
+) -> list[Action]:
+    # A WARM copy whose KV pool cannot fit where it is will not serve: it does not count.
+    resident = [
+        x
+        for x in _of(view, spec.name, ModelState.HOT, ModelState.WARM, ModelState.LOADING)
+        if x.state is not ModelState.WARM or _pool_fits(view, x, spec)
+    ]
     hot = _of(view, spec.name, ModelState.HOT)
     coming = any(x.state is not ModelState.HOT for x in resident)
     want = d.resident
     if not coming and _reactive(view, spec, hot):
         want = min(max(want, len(resident) + 1), spec.max_instances)
     out: list[Action] = []
-    for _ in range(want - len(resident)):
-        best = _best_group(view, spec, demand)
+    total = len(_of(view, spec.name, ModelState.HOT, ModelState.WARM, ModelState.LOADING))
+    for _ in range(min(want - len(resident), spec.max_instances - total)):
+        best = _best_group(view, spec, demand, first_fit)
         if best is None:
             break
         steps = best
@@ -126,7 +178,9 @@ def _prewarm(view: ClusterView, spec: FunctionSpec, d: _Demand, demand: dict[str
     return out
 
 
-def _best_group(view: ClusterView, spec: FunctionSpec, demand: dict[str, _Demand]) -> list[Action] | None:
+def _best_group(
+    view: ClusterView, spec: FunctionSpec, demand: dict[str, _Demand], first_fit: bool = False
+) -> list[Action] | None:
     """Cheapest [evict..., load_host?, prewarm] that puts one more copy of `spec` on some GPU group."""
     mine = demand[spec.name]
     util = _gpu_util(view, demand, exclude=spec.name)
@@ -148,12 +202,18 @@ def _best_group(view: ClusterView, spec: FunctionSpec, demand: dict[str, _Demand
             for x in _residents(view, w.name, gpus):
                 if x.function != spec.name and x not in evictions:
                     cost += _W_BURST * mine.burst * demand[x.function].burst
-            steps = [Action(ControlAction.EVICT, x.function, x.worker, x.gpus) for x in evictions]
+            steps = [
+                Action(kind, x.function, x.worker, x.gpus)
+                for x in evictions
+                for kind in (ControlAction.DEACTIVATE,) * (x.state is ModelState.HOT) + (ControlAction.EVICT,)
+            ]
             if spec.name not in w.host_cached:
                 cost += _W_DISK
                 if spec.name not in w.host_loading:
                     steps.append(Action(ControlAction.LOAD_HOST, spec.name, w.name))
             steps.append(Action(ControlAction.PREWARM, spec.name, w.name, gpus))
+            if first_fit:
+                return steps
             if best is None or cost < best[0]:
                 best = (cost, steps)
     return None if best is None else best[1]
@@ -172,35 +232,49 @@ def _residents(view: ClusterView, worker: str, gpus: tuple[int, ...]) -> list[In
 def _fit(
     view: ClusterView, w: Worker, gpus: tuple[int, ...], spec: FunctionSpec, demand: dict[str, _Demand]
 ) -> tuple[float, list[Instance]] | None:
-    """(cost, WARM copies to evict) to fit one shard of `spec` on each of `gpus`, or None if it cannot fit."""
+    """(cost, copies to evict) to fit one shard of `spec` on each of `gpus`, and its KV pool once activated, or
+    None if it cannot fit. Victims are idle copies (WARM, or HOT with nothing running) of functions with less
+    forecast demand, least demand first: a HOT victim gives back its weights and its pool."""
     by_index = {g.index: g for g in w.gpus}
-    need = spec.shard_bytes
-    mine = demand[spec.name].util
+    need = spec.shard_bytes + spec.kv_bytes
+    mine = demand[spec.name].rank
     cost, evict = 0.0, []
     for gi in gpus:
         g = by_index[gi]
         here = [x for x in view.instances if x.worker == w.name and gi in x.gpus]
         safe_lend, lend_use = _safe_lendable(view, g, here, demand)
-        have = g.free_bytes + safe_lend
-        if have < need:
-            # Room from idle WARM copies of functions with less forecast demand, least demand first.
-            victims = sorted(
-                (x for x in here if x.state is ModelState.WARM and demand[x.function].util < mine and x not in evict),
-                key=lambda x: (demand[x.function].util, x.last_used),
-            )
-            for x in victims:
-                if have >= need:
-                    break
-                evict.append(x)
-                have += view.functions[x.function].shard_bytes
-                cost += _W_EVICT * (1.0 + demand[x.function].util)
-            if have < need:
-                return None
-        borrowed = max(0, need - g.free_bytes)
-        cost += _W_LEND * (borrowed / need) * (1.0 + lend_use) if need else 0.0
+        # Weights and pool may sit in lent memory (its lender takes it back by evicting WARM copies); or the pool
+        # comes from WARM copies evicted when it is activated (the worker reclaims them then).
+        free = g.free_bytes + sum(_freed(view, x) for x in evict if x in here)
+        warm = sum(view.functions[x.function].shard_bytes for x in here if x.state is ModelState.WARM)
+        victims = sorted(
+            (x for x in here if _idle(x) and demand[x.function].rank < mine and x not in evict),
+            key=lambda x: (x.state is ModelState.HOT, demand[x.function].util, x.last_used),
+        )
+        for x in victims:
+            if free + safe_lend + warm >= need and free + safe_lend >= spec.shard_bytes:
+                break
+            evict.append(x)
+            free += _freed(view, x)
+            warm -= view.functions[x.function].shard_bytes if x.state is ModelState.WARM else 0
+            cost += _W_EVICT * (1.0 + demand[x.function].util)
+        if free + safe_lend + warm < need or free + safe_lend < spec.shard_bytes:
+            return None
+        borrowed = max(0, spec.shard_bytes - free)
+        cost += _W_LEND * (borrowed / spec.shard_bytes) * (1.0 + lend_use) if spec.shard_bytes else 0.0
     # A victim on several of these GPUs frees memory on each of them: counted once per GPU above, which only
     # makes the estimate conservative (the sim and the worker enforce the real limit).
     return cost, evict
+
+
+def _idle(x: Instance) -> bool:
+    return x.state in (ModelState.WARM, ModelState.HOT) and x.inflight == 0
+
+
+def _freed(view: ClusterView, x: Instance) -> int:
+    """Bytes per GPU that evicting x frees: its weights, and its KV pool if HOT."""
+    spec = view.functions[x.function]
+    return spec.shard_bytes + (spec.kv_bytes if x.state is ModelState.HOT else 0)
 
 
 def _safe_lendable(view: ClusterView, g, here: list[Instance], demand: dict[str, _Demand]) -> tuple[int, float]:

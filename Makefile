@@ -1,5 +1,6 @@
 # The README's two commands: `make up` and `make test`. Each creates the virtualenv and installs on first use.
 VENV   ?= .venv
+PORT   ?= 8000
 PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
@@ -17,7 +18,7 @@ redis-server:
 	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q redis-server; }
 
 up: $(STAMP)
-	$(VENV)/bin/warmserve up
+	$(VENV)/bin/warmserve up --port $(PORT)
 
 test: $(STAMP) redis-server
 	$(VENV)/bin/ruff check .

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,16 @@ import yaml
 from modelinfo import DTYPE_BYTES, ModelFileError, load_model_config
 
 ENGINES = ("builtin", "transformers")
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")  # always matched whole (fullmatch): no trailing newline
 CACHE_PREFIX = "cache:"
 DEFAULT_MAX_MODEL_LEN = 2048  # or the model's own limit when smaller; every token of it reserves KV memory
+# A spec is a flat mapping with two small sections, so anything deeper or bigger is hostile or a mistake. These
+# bound the work one document can cause: nesting (PyYAML and the checks recurse) and nodes counted with every
+# alias expanded (a 300-byte "billion laughs" document otherwise expands to gigabytes when printed).
+MAX_DEPTH = 8
+MAX_NODES = 1000
+MAX_PATH = 1024  # characters in a model path; the OS allows 4096, a model directory never needs that many
+QUOTE_CHARS = 40  # error messages quote at most this much of a value
 
 
 class SpecError(ValueError):
@@ -61,8 +69,12 @@ class FunctionSpec:
 
     @classmethod
     def from_json(cls, data: bytes | str) -> FunctionSpec:
-        raw = orjson.loads(data)
-        return cls(**{**raw, "scaling": Scaling(**raw["scaling"]), "slo": Slo(**raw["slo"])})
+        """Read a stored spec, checking its shape (not the files): SpecError when the entry is not one we wrote."""
+        try:
+            raw = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise SpecError("<stored>", "<document>", "is not JSON") from None
+        return check_fields(raw, "<stored>", Path(raw["model"]) if _stored_model(raw) else None)
 
 
 @dataclass(frozen=True)
@@ -85,43 +97,98 @@ def cache_dir() -> Path:
     return Path(os.environ.get("WARMSERVE_CACHE", Path.home() / ".cache" / "warmserve"))
 
 
+def models_dir() -> Path:
+    """Where `cache:NAME` models live."""
+    return cache_dir() / "models"
+
+
+def model_roots(extra: str = "") -> list[Path]:
+    """The directories a deployed model may live in: the cache's models dir and `extra` (os.pathsep-separated,
+    `Settings.model_roots`)."""
+    return [models_dir(), *(Path(p) for p in extra.split(os.pathsep) if p)]
+
+
+def quote(value: Any) -> str:
+    """A value for an error message: its repr, cut to a short prefix (values come from untrusted documents)."""
+    text = repr(value)
+    return text if len(text) <= QUOTE_CHARS else text[: QUOTE_CHARS - 3] + "..."
+
+
 def resolve_model_path(model: str, base_dir: Path | None) -> Path:
-    """`cache:NAME` lives in the cache dir; relative paths are relative to the YAML file; `~` expands."""
+    """`cache:NAME` lives in the cache's models dir; relative paths are relative to the YAML file; `~` expands.
+
+    Symlinks are resolved here, so the roots check sees where a path really leads. Without `base_dir` (a spec that
+    came over the network) a relative path has nothing it could be relative to and is refused."""
     if model.startswith(CACHE_PREFIX):
-        return cache_dir() / "models" / model[len(CACHE_PREFIX) :]
+        name = model[len(CACHE_PREFIX) :]
+        if not name or ".." in Path(name).parts or Path(name).is_absolute():
+            raise ValueError("cache:NAME takes a directory name inside the cache, without '..'")
+        return (models_dir() / name).resolve()
     path = Path(os.path.expanduser(model))
-    if not path.is_absolute() and base_dir is not None:
+    if not path.is_absolute():
+        if base_dir is None:
+            raise ValueError("must be an absolute path or cache:NAME")
         path = base_dir / path
     return path.resolve()
 
 
 def check_model_dir(path: Path) -> str | None:
     """Why `path` is not a loadable model directory, or None when it is."""
-    if not path.is_dir():
-        return f"model directory {path} does not exist"
-    if not (path / "config.json").is_file():
-        return f"{path} has no config.json"
-    if not any(path.glob("*.safetensors")):
-        return f"{path} has no *.safetensors weights"
-    if not (path / "tokenizer.json").is_file():
-        return f"{path} has no tokenizer.json"
+    try:
+        if not path.is_dir():
+            return f"model directory {path} does not exist"
+        if not (path / "config.json").is_file():
+            return f"{path} has no config.json"
+        if not any(path.glob("*.safetensors")):
+            return f"{path} has no *.safetensors weights"
+        if not (path / "tokenizer.json").is_file():
+            return f"{path} has no tokenizer.json"
+    except OSError as exc:
+        return f"model directory {path} cannot be read ({exc.strerror})"
     return None
+
+
+def inside(path: Path, roots: Sequence[Path]) -> bool:
+    """Whether a resolved path lies in one of the model roots (each resolved too, so a symlinked root works)."""
+    return any(path.is_relative_to(root.resolve()) for root in roots)
 
 
 def _int(source: str, name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise SpecError(source, name, f"must be an integer, got {value!r}")
+        raise SpecError(source, name, f"must be an integer, got {quote(value)}")
     if value < minimum:
-        raise SpecError(source, name, f"must be >= {minimum}, got {value}")
+        raise SpecError(source, name, f"must be >= {minimum}, got {quote(value)}")
     return value
 
 
 def _number(source: str, name: str, value: Any, minimum: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise SpecError(source, name, f"must be a finite number, got {value!r}")
+        raise SpecError(source, name, f"must be a finite number, got {quote(value)}")
     if value < minimum:
-        raise SpecError(source, name, f"must be >= {minimum}, got {value}")
+        raise SpecError(source, name, f"must be >= {minimum}, got {quote(value)}")
     return float(value)
+
+
+def check_shape(doc: Any, source: str) -> None:
+    """Refuse documents too deep or too big (aliases expanded), and mappings with keys that are not strings.
+
+    Iterative, so a hostile depth can't exhaust the stack; a recursive alias (`&a [*a]`) simply runs out of
+    nodes."""
+    stack, nodes = [(doc, 1)], 0
+    while stack:
+        value, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_NODES:
+            raise SpecError(source, "<document>", f"is too big (over {MAX_NODES} values, aliases expanded)")
+        if depth > MAX_DEPTH:
+            raise SpecError(source, "<document>", f"is nested deeper than {MAX_DEPTH} levels")
+        if isinstance(value, dict):
+            bad = next((k for k in value if not isinstance(k, str)), None)
+            if bad is not None:
+                raise SpecError(source, "<document>", f"mapping keys must be strings, got {quote(bad)}")
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
 
 
 def _section(source: str, raw: dict, name: str, allowed: set[str]) -> dict:
@@ -132,42 +199,93 @@ def _section(source: str, raw: dict, name: str, allowed: set[str]) -> dict:
         raise SpecError(source, name, f"must be a mapping, got {type(value).__name__}")
     unknown = sorted(set(value) - allowed)
     if unknown:
-        raise SpecError(source, f"{name}.{unknown[0]}", f"unknown field (allowed: {', '.join(sorted(allowed))})")
+        field_name = f"{name}.{unknown[0][:QUOTE_CHARS]}"
+        raise SpecError(source, field_name, f"unknown field (allowed: {', '.join(sorted(allowed))})")
     return value
 
 
-def parse_spec(raw: Any, source: str = "<spec>", base_dir: Path | None = None) -> FunctionSpec:
-    """Validate a decoded YAML/JSON document into a FunctionSpec, or raise SpecError naming the field."""
+def _stored_model(raw: Any) -> bool:
+    """Whether a stored entry has a model path we could have written (absolute, resolved, sane)."""
+    model = raw.get("model") if isinstance(raw, dict) else None
+    return isinstance(model, str) and 0 < len(model) <= MAX_PATH and "\x00" not in model and model.startswith("/")
+
+
+def _model(source: str, raw: dict, base_dir: Path | None, roots: Sequence[Path] | None) -> Path:
+    """The model's resolved directory; inside `roots` when they are given (None: a local, trusted file)."""
+    value = raw["model"]
+    if not isinstance(value, str) or not value:
+        raise SpecError(source, "model", f"must be a path to a local model directory, got {quote(value)}")
+    if len(value) > MAX_PATH or "\x00" in value:
+        raise SpecError(source, "model", f"must be a path of at most {MAX_PATH} characters without NUL")
+    try:
+        model = resolve_model_path(value, base_dir)
+    except (ValueError, OSError) as exc:  # OSError: a path the OS refuses (a component over 255 bytes)
+        reason = exc if isinstance(exc, ValueError) else "the OS refuses this path"
+        raise SpecError(source, "model", f"{quote(value)}: {reason}") from None
+    if roots is not None and not inside(model, roots):
+        # the same answer whether or not the path exists: the gateway is not a probe of the host's files
+        where = ", ".join(str(r) for r in roots)
+        raise SpecError(source, "model", f"{quote(value)} is outside the model roots ({where}); use cache:NAME")
+    return model
+
+
+def _limit(source: str, model: Path, engine: str) -> int:
+    problem = check_model_dir(model)
+    if problem:
+        raise SpecError(source, "model", problem)
+    try:
+        return load_model_config(str(model), builtin=engine == "builtin").max_position_embeddings
+    except ModelFileError as exc:
+        raise SpecError(source, "model", str(exc)) from None
+
+
+def parse_spec(
+    raw: Any, source: str = "<spec>", base_dir: Path | None = None, roots: Sequence[Path] | None = None
+) -> FunctionSpec:
+    """Validate a decoded YAML/JSON document into a FunctionSpec, or raise SpecError naming the field.
+
+    `roots`: the directories a model may resolve into (the gateway passes its configured ones); None for a
+    trusted local file (the CLI checking what it is about to send)."""
+    check_shape(raw, source)
+    _check_head(raw, source)
+    model = _model(source, raw, base_dir, roots)
+    return check_fields(raw, source, model, _limit(source, model, raw.get("engine", "builtin")))
+
+
+def _check_head(raw: Any, source: str) -> None:
+    """The document's keys, its name and its engine: what is checked before any file is looked at."""
     if not isinstance(raw, dict):
         raise SpecError(source, "<document>", f"must be a mapping, got {type(raw).__name__}")
     allowed = {"name", "model", "engine", "dtype", "max_model_len", "scaling", "slo"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
-        raise SpecError(source, unknown[0], f"unknown field (allowed: {', '.join(sorted(allowed))})")
+        raise SpecError(source, unknown[0][:QUOTE_CHARS], f"unknown field (allowed: {', '.join(sorted(allowed))})")
     for required in ("name", "model"):
         if required not in raw:
             raise SpecError(source, required, "is required")
     name = raw["name"]
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise SpecError(source, "name", f"must match {NAME_RE.pattern} (lowercase, digits, . _ -), got {name!r}")
-    if not isinstance(raw["model"], str) or not raw["model"]:
-        raise SpecError(source, "model", f"must be a path to a local model directory, got {raw['model']!r}")
+        raise SpecError(source, "name", f"must match {NAME_RE.pattern} (lowercase, digits, . _ -), got {quote(name)}")
     engine = raw.get("engine", "builtin")
-    if engine not in ENGINES:
-        raise SpecError(source, "engine", f"must be one of {', '.join(ENGINES)}, got {engine!r}")
-    model = resolve_model_path(raw["model"], base_dir)
-    problem = check_model_dir(model)
-    if problem:
-        raise SpecError(source, "model", problem)
+    if not isinstance(engine, str) or engine not in ENGINES:
+        raise SpecError(source, "engine", f"must be one of {', '.join(ENGINES)}, got {quote(engine)}")
+
+
+def check_fields(raw: Any, source: str, model: Path | None, limit: int | None = None) -> FunctionSpec:
+    """Every check that needs no files; `limit` (the model's longest sequence) when the files were read.
+
+    Stored entries come through here too (with `model` as stored and no limit), so a registry entry that is not
+    a spec we wrote is refused field by field."""
+    _check_head(raw, source)
+    if model is None:
+        raise SpecError(source, "model", f"must be a path to a local model directory, got {quote(raw['model'])}")
+    engine = raw.get("engine", "builtin")
     dtype = raw.get("dtype", "float32")
-    if dtype not in DTYPE_BYTES:
-        raise SpecError(source, "dtype", f"must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
-    try:
-        limit = load_model_config(str(model), builtin=engine == "builtin").max_position_embeddings
-    except ModelFileError as exc:
-        raise SpecError(source, "model", str(exc)) from None
-    max_model_len = _int(source, "max_model_len", raw.get("max_model_len", min(DEFAULT_MAX_MODEL_LEN, limit)), 16)
-    if max_model_len > limit:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+        raise SpecError(source, "dtype", f"must be one of {', '.join(DTYPE_BYTES)}, got {quote(dtype)}")
+    default_len = min(DEFAULT_MAX_MODEL_LEN, limit) if limit is not None else None
+    max_model_len = _int(source, "max_model_len", raw.get("max_model_len", default_len), 16)
+    if limit is not None and max_model_len > limit:
         raise SpecError(
             source,
             "max_model_len",
@@ -185,26 +303,65 @@ def parse_spec(raw: Any, source: str = "<spec>", base_dir: Path | None = None) -
         raise SpecError(source, "scaling.min_instances", "must not exceed scaling.max_instances")
     slo_raw = _section(source, raw, "slo", {"ttft_ms"})
     slo = Slo(ttft_ms=_number(source, "slo.ttft_ms", slo_raw.get("ttft_ms", 1000), 1))
-    return FunctionSpec(str(name), str(model), engine, dtype, max_model_len, scaling, slo)
+    return FunctionSpec(raw["name"], str(model), engine, dtype, max_model_len, scaling, slo)
 
 
-def parse_yaml(text: str, source: str = "<yaml>", base_dir: Path | None = None) -> FunctionSpec:
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with a nesting limit while composing: its composer recurses once per level, so a deep
+    document would otherwise end in RecursionError before any check of ours could run."""
+
+    depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise yaml.YAMLError(f"nested deeper than {MAX_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def load_yaml(text: str, source: str = "<yaml>") -> Any:
+    """Decode one YAML document safely (no tags that build objects, bounded depth); SpecError when invalid."""
     try:
-        raw = yaml.safe_load(text)
+        return yaml.load(text, Loader=_Loader)  # a SafeLoader: builds only plain data
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "document"
-        raise SpecError(source, "<yaml>", f"invalid YAML at {where}: {getattr(exc, 'problem', exc)}") from None
-    return parse_spec(raw, source, base_dir)
+        problem = str(getattr(exc, "problem", None) or exc)[:200]
+        raise SpecError(source, "<yaml>", f"invalid YAML at {where}: {problem}") from None
+
+
+def parse_yaml(
+    text: str, source: str = "<yaml>", base_dir: Path | None = None, roots: Sequence[Path] | None = None
+) -> FunctionSpec:
+    return parse_spec(load_yaml(text, source), source, base_dir, roots)
+
+
+def read_file(path: str | Path) -> str:
+    path = Path(path)
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(str(path), "<file>", f"cannot read: {getattr(exc, 'strerror', None) or exc}") from None
 
 
 def load_file(path: str | Path) -> FunctionSpec:
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SpecError(str(path), "<file>", f"cannot read: {exc.strerror}") from None
-    return parse_yaml(text, str(path), path.parent.resolve())
+    return parse_yaml(read_file(path), str(path), path.parent.resolve())
+
+
+def load_document(path: str | Path) -> dict:
+    """A spec file as the CLI sends it to a gateway: checked here first (so errors name the file), a relative
+    model path made absolute against the file, and `cache:NAME` left for the gateway to resolve in its own cache."""
+    path = Path(path)
+    doc = load_yaml(read_file(path), str(path))
+    load_file(path)
+    model = doc["model"]
+    if not model.startswith(CACHE_PREFIX):
+        doc["model"] = str(resolve_model_path(model, path.parent.resolve()))
+    return doc
 
 
 def examples_dir() -> Path:

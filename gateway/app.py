@@ -17,15 +17,20 @@ import orjson
 import redis
 import redis.asyncio as aredis
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from functions.spec import FunctionSpec, SpecError, parse_spec, parse_yaml
+from functions.spec import FunctionSpec, SpecError, model_roots, parse_spec, parse_yaml, quote
+from gateway import auth
+from gateway.body import read_body
 from gateway.errors import ApiError
 from gateway.metrics import Metrics
 from gateway.openai_api import Parsed, chunk_body, completion_body, parse_chat, parse_completion, usage
 from gpu_runtime.tokenizer import Tokenizer
+from invoker.fanout import AnswerReader
 from invoker.registry import Registry
 from invoker.submit import Answer, InvokerClient, NoWorkers, QueueFull, live_workers
 from protocol import keys
@@ -34,6 +39,7 @@ from protocol.settings import Settings
 from protocol.states import ModelState
 
 log = logging.getLogger(__name__)
+REDIS_RETRY_AFTER_S = 2  # a Redis restart with append-only persistence takes about this long
 
 
 def json_response(data: object, status: int = 200) -> Response:
@@ -43,26 +49,40 @@ def json_response(data: object, status: int = 200) -> Response:
 class Gateway:
     def __init__(self, redis_url: str, settings: Settings) -> None:
         self.settings = settings
-        self.r = aredis.Redis.from_url(redis_url)
+        # a bounded pool: under thousands of requests a command waits for a connection instead of failing
+        self.r = aredis.Redis(
+            connection_pool=aredis.BlockingConnectionPool.from_url(
+                redis_url, max_connections=settings.redis_connections
+            )
+        )
         self.sync_r = redis.Redis.from_url(redis_url)
         self.registry = Registry(self.sync_r)
-        self.invoker = InvokerClient(self.r, self.sync_r, settings)
+        self.invoker = InvokerClient(
+            self.r, self.sync_r, settings, AnswerReader(aredis.Redis.from_url(redis_url), self.r)
+        )
         self.metrics = Metrics()
         self.tokenizers: dict[tuple[str, str], Tokenizer] = {}
+        self.roots = model_roots(settings.model_roots)
 
     # ---- helpers ----
-    async def spec(self, name: object) -> FunctionSpec:
+    async def spec(self, name: object, caller: auth.Principal = auth.OPEN_ACCESS) -> FunctionSpec:
         if not isinstance(name, str) or not name:
             raise ApiError(400, "'model' is required: the name of a deployed function", param="model")
-        raw = await self.r.hget(keys.FUNCTIONS, name)
+        # a function the caller's key may not call is answered exactly like one that does not exist
+        raw = await self.r.hget(keys.FUNCTIONS, name) if caller.allows(name) else None
         if raw is None:
             raise ApiError(
                 404,
-                f"function '{name}' is not deployed (see GET /v1/models)",
+                f"function {quote(name)} is not deployed (see GET /v1/models)",
                 param="model",
                 code="model_not_found",
             )
-        return FunctionSpec.from_json(raw)
+        try:
+            return FunctionSpec.from_json(raw)
+        except SpecError as exc:
+            log.error("function %s: its registry entry is not a valid spec: %s", quote(name), exc)
+            message = f"function {quote(name)}: its registry entry is invalid (see the gateway log)"
+            raise ApiError(500, message) from None
 
     def tokenizer(self, spec: FunctionSpec) -> Tokenizer:
         """The function's tokenizer; a broken one is our fault (500 naming the function), not the client's."""
@@ -76,13 +96,11 @@ class Gateway:
         return self.tokenizers[key]
 
     async def body_json(self, request: Request) -> dict:
-        raw = await request.body()
-        if len(raw) > self.settings.max_body_bytes:
-            raise ApiError(413, f"request body is over {self.settings.max_body_bytes} bytes")
+        raw = await read_body(request, self.settings.max_body_bytes, self.settings.body_timeout_s)
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+            raise ApiError(400, f"request body is not valid JSON: {str(exc)[:100]}") from None
         if not isinstance(body, dict):
             raise ApiError(400, "request body must be a JSON object")
         return body
@@ -96,28 +114,33 @@ class Gateway:
 
     async def infer(self, request: Request, chat: bool) -> Response:
         name = "?"
+        caller = auth.principal(request)
         try:
             body = await self.body_json(request)
-            spec = await self.spec(body.get("model"))
+            spec = await self.spec(body.get("model"), caller)
             name = spec.name
             # tokenizing and chat templates are CPU work: keep them off the event loop that streams answers
             tok = await asyncio.to_thread(self.tokenizer, spec)
             parsed = await asyncio.to_thread(parse_chat if chat else parse_completion, body, spec, tok)
+            tokens = len(parsed.prompt_ids) + parsed.sampling.max_tokens
+            await auth.charge_tokens(self.r, self.settings, caller, tokens)
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
             inv = Invocation(rid, spec.name, parsed.prompt_ids, parsed.sampling)
             try:
-                await self.invoker.submit(inv, spec)
+                accepted = await self.invoker.submit(inv, spec)
             except QueueFull as exc:
                 raise ApiError(429, str(exc), code="queue_full", retry_after=exc.retry_after_s) from None
             except NoWorkers as exc:
                 raise ApiError(503, str(exc), code="no_workers", retry_after=5) from None
-            events = self.invoker.events(spec, rid, self.settings.request_timeout_s, restartable=not parsed.stream)
+            events = self.invoker.events(
+                spec, rid, self.settings.request_timeout_s, restartable=not parsed.stream, accepted=accepted
+            )
             if parsed.stream:
-                return await self.stream(spec, rid, parsed, events, chat)
+                return await self.stream(spec, rid, parsed, events, chat, caller)
             return await self.collect(spec, rid, parsed, events, chat)
         except ApiError as err:
             self.metrics.request(name, err.status)
-            return err.response()
+            return auth.redacted(err, caller).response()
 
     async def collect(
         self, spec: FunctionSpec, rid: str, parsed: Parsed, events: AsyncIterator[Answer], chat: bool
@@ -144,7 +167,13 @@ class Gateway:
         raise ApiError(500, f"function '{spec.name}': the answer stream ended without a result")
 
     async def stream(
-        self, spec: FunctionSpec, rid: str, parsed: Parsed, events: AsyncIterator[Answer], chat: bool
+        self,
+        spec: FunctionSpec,
+        rid: str,
+        parsed: Parsed,
+        events: AsyncIterator[Answer],
+        chat: bool,
+        caller: auth.Principal,
     ) -> Response:
         t0 = time.monotonic()
         first = await anext(events)  # an error before any token still gets a proper HTTP status
@@ -167,7 +196,7 @@ class Gateway:
                             chunk = chunk_body(rid, spec.name, ev.text, None, chat)
                             yield b"data: " + orjson.dumps(chunk) + b"\n\n"
                     elif isinstance(ev, Failed):
-                        err = ApiError(ev.status, ev.message).body()
+                        err = auth.redacted(ApiError(ev.status, ev.message), caller).body()
                         yield b"data: " + orjson.dumps(err) + b"\n\n"
                         self.metrics.request(spec.name, ev.status)
                         break
@@ -194,7 +223,8 @@ class Gateway:
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def models(self, request: Request) -> Response:
-        specs = await asyncio.to_thread(self.registry.all)
+        caller = auth.principal(request)
+        specs = {n: s for n, s in (await asyncio.to_thread(self.registry.all)).items() if caller.allows(n)}
         data = [
             {
                 "id": s.name,
@@ -208,21 +238,24 @@ class Gateway:
         return json_response({"object": "list", "data": data})
 
     # ---- function CRUD ----
+    def parse_deploy(self, raw: bytes, fmt: str) -> FunctionSpec:
+        """A deploy body into a spec whose model lies inside the model roots (runs in a thread: YAML and disk)."""
+        if fmt == "yaml":
+            return parse_yaml(raw.decode("utf-8", errors="replace"), "request body", roots=self.roots)
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise ApiError(400, f"request body is not valid JSON: {str(exc)[:100]}") from None
+        return parse_spec(doc, "request body", roots=self.roots)
+
     async def deploy(self, request: Request) -> Response:
         try:
-            raw = (await request.body()).decode("utf-8", errors="replace")
-            ctype = request.headers.get("content-type", "")
-            if "json" in ctype:
-                try:
-                    doc = orjson.loads(raw)
-                except orjson.JSONDecodeError as exc:
-                    raise ApiError(400, f"request body is not valid JSON: {exc}") from None
-                spec = parse_spec(doc, "request body")
-            else:
-                spec = parse_yaml(raw, "request body")
+            fmt = spec_format(request.headers.get("content-type", ""))
+            raw = await read_body(request, self.settings.max_spec_bytes, self.settings.body_timeout_s)
+            spec = await asyncio.to_thread(self.parse_deploy, raw, fmt)
             name = request.path_params.get("name")
             if name is not None and name != spec.name:
-                raise ApiError(400, f"URL names '{name}' but the spec names '{spec.name}'", param="name")
+                raise ApiError(400, f"URL names {quote(name)} but the spec names '{spec.name}'", param="name")
             created = await asyncio.to_thread(self.registry.deploy, spec)
         except SpecError as err:
             return ApiError(400, str(err), param=err.field).response()
@@ -254,7 +287,7 @@ class Gateway:
     async def delete_function(self, request: Request) -> Response:
         name = request.path_params["name"]
         if not await asyncio.to_thread(self.registry.remove, name):
-            return ApiError(404, f"function '{name}' is not deployed").response()
+            return ApiError(404, f"function {quote(name)} is not deployed").response()
         log.info("removed function %s", name)
         return json_response({"name": name, "deleted": True})
 
@@ -274,7 +307,8 @@ class Gateway:
     async def metrics_endpoint(self, request: Request) -> Response:
         depths = await self.queue_depths()
         workers = await live_workers(self.r, self.settings)
-        return Response(self.metrics.render(depths, len(workers)), media_type="text/plain; version=0.0.4")
+        counters = {w.worker_id: w.counters for w in workers}
+        return Response(self.metrics.render(depths, len(workers), counters), media_type="text/plain; version=0.0.4")
 
     async def status(self, request: Request) -> Response:
         depths = await self.queue_depths()
@@ -305,14 +339,50 @@ class Gateway:
         ]
 
 
-def create_app(redis_url: str, settings: Settings | None = None) -> Starlette:
+# Browsers send text/plain (and form types) across sites without asking first; JSON and YAML types need a CORS
+# preflight we never grant, so accepting only these keeps another site's page from deploying through a browser.
+SPEC_TYPES = {
+    "application/json": "json",
+    "application/yaml": "yaml",
+    "application/x-yaml": "yaml",
+    "text/yaml": "yaml",
+}
+
+
+def spec_format(content_type: str) -> str:
+    fmt = SPEC_TYPES.get(content_type.split(";")[0].strip().lower())
+    if fmt is None:
+        allowed = ", ".join(SPEC_TYPES)
+        raise ApiError(415, f"a function spec needs content-type {allowed}; got {quote(content_type)}")
+    return fmt
+
+
+def create_app(redis_url: str, settings: Settings | None = None, require_keys: bool = False) -> Starlette:
+    """The gateway app; with `require_keys` every request but /healthz needs an API key (see gateway/auth.py)."""
     gw = Gateway(redis_url, settings or Settings.from_env())
 
     async def on_error(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return ApiError(500, f"internal error: {type(exc).__name__}: {exc}").response()
+        err = ApiError(500, f"internal error: {type(exc).__name__}: {str(exc)[:200]}")
+        return auth.redacted(err, auth.principal(request)).response()
 
-    app = Starlette(routes=gw.routes(), exception_handlers={Exception: on_error})
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        # the router's own 404 (no such route) and 405 (wrong method), in OpenAI's error shape
+        assert isinstance(exc, HTTPException)
+        message = f"{request.method} {request.url.path[:100]}: {exc.detail}"
+        return ApiError(exc.status_code, message, headers=dict(exc.headers or {})).response()
+
+    async def on_redis_error(request: Request, exc: Exception) -> Response:
+        # Redis is down or restarting: nothing was accepted, so the client may simply retry
+        log.warning("%s %s: Redis unavailable (%s); answered 503", request.method, request.url.path, exc)
+        message = f"the gateway's store (Redis) is unavailable: {exc}"
+        return ApiError(503, message, code="store_unavailable", retry_after=REDIS_RETRY_AFTER_S).response()
+
+    app = Starlette(
+        routes=gw.routes(),
+        middleware=[Middleware(auth.AuthMiddleware, r=gw.r, settings=gw.settings, required=require_keys)],
+        exception_handlers={Exception: on_error, redis.RedisError: on_redis_error, HTTPException: on_http_error},
+    )
     app.state.gateway = gw
     return app
 

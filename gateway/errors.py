@@ -7,6 +7,8 @@ from starlette.responses import Response
 
 TYPES = {
     400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
     404: "not_found_error",
     429: "rate_limit_error",
     503: "service_unavailable",
@@ -21,6 +23,7 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
         retry_after: int = 0,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.retry_after = (
@@ -30,6 +33,7 @@ class ApiError(Exception):
             code,
             retry_after,
         )
+        self.headers = headers or {}
 
     def body(self) -> dict:
         kind = TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
@@ -37,5 +41,5 @@ class ApiError(Exception):
 
     def response(self) -> Response:
         body = self.body()
-        headers = {"Retry-After": str(self.retry_after)} if self.retry_after else None
+        headers = {**self.headers, **({"Retry-After": str(self.retry_after)} if self.retry_after else {})}
         return Response(orjson.dumps(body), status_code=self.status, media_type="application/json", headers=headers)

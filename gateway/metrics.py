@@ -25,7 +25,10 @@ class Metrics:
     def generated(self, function: str, n: int) -> None:
         self.tokens[function] += n
 
-    def render(self, queue_depths: dict[str, int], live_workers: int) -> str:
+    def render(
+        self, queue_depths: dict[str, int], live_workers: int, worker_counters: dict[str, dict[str, int]] | None = None
+    ) -> str:
+        """``worker_counters``: each live worker's reported counters (WorkerInfo.counters), by worker id."""
         out = [
             "# HELP warmserve_requests_total Invocations answered, by function and HTTP status.",
             "# TYPE warmserve_requests_total counter",
@@ -57,4 +60,19 @@ class Metrics:
             "# TYPE warmserve_live_workers gauge",
         ]
         out.append(f"warmserve_live_workers {live_workers}")
+        out += prefix_cache_lines(worker_counters or {})
         return "\n".join(out) + "\n"
+
+
+def prefix_cache_lines(worker_counters: dict[str, dict[str, int]]) -> list[str]:
+    """Prompt tokens served from the engines' prefix caches and prompt tokens looked up, as each live worker
+    reports them (counters since the worker started): hit rate = hit / query."""
+    out = []
+    for name, what in (("hit", "Prompt tokens whose KV came from the prefix cache"), ("query", "Prompt tokens")):
+        metric = f"warmserve_prefix_cache_{name}_tokens_total"
+        out += [f"# HELP {metric} {what}, by worker.", f"# TYPE {metric} counter"]
+        out += [
+            f'{metric}{{worker="{w}"}} {c.get(f"prefix_cache_{name}_tokens", 0)}'
+            for w, c in sorted(worker_counters.items())
+        ]
+    return out

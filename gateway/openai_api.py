@@ -93,6 +93,46 @@ def _sampling(body: dict, prompt_len: int, spec: FunctionSpec, default_max: int,
     return SamplingParams(max_tokens, temperature, top_p, top_k, seed, tuple(stop_ids), tuple(stops), ignore_eos)
 
 
+# Every request field is honoured or refused by name, never silently ignored. These are honoured:
+_COMMON = {
+    "model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos",
+    "stream", "stream_options", "n", "user", "max_completion_tokens",
+}  # fmt: skip
+_HONOURED = {False: _COMMON | {"prompt"}, True: _COMMON | {"messages"}}
+# OpenAI fields not implemented yet: accepted only at the value that changes nothing, otherwise a 400 names them.
+_NEUTRAL: dict[str, tuple[object, ...]] = {
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "repetition_penalty": (None, 1, 1.0),
+    "min_tokens": (None, 0),
+    "logit_bias": (None, {}),
+    "response_format": (None, {"type": "text"}),
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "parallel_tool_calls": (None, True, False),
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+}
+
+
+def check_fields(body: dict, chat: bool) -> None:
+    """400 naming the first field that is unknown, or known but not supported at the value sent."""
+    for name in body:
+        if name in _HONOURED[chat]:
+            continue
+        if name not in _NEUTRAL:
+            endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+            raise ApiError(400, f"unknown field '{str(name)[:64]}' for {endpoint}", param=str(name)[:64])
+        if body[name] not in _NEUTRAL[name]:
+            message = f"'{name}' is not supported by WarmServe yet (only its default value is accepted)"
+            raise ApiError(400, message, param=name)
+
+
 def _stream_flags(body: dict) -> tuple[bool, bool]:
     stream = _get(body, "stream", (bool,), False, "a boolean")
     opts = _get(body, "stream_options", (dict,), {}, "an object")
@@ -108,6 +148,7 @@ def _check_ids(ids: list, vocab: int, param: str) -> tuple[int, ...]:
 
 
 def parse_completion(body: dict, spec: FunctionSpec, tok: Tokenizer) -> Parsed:
+    check_fields(body, chat=False)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]  # a batch of one
@@ -126,6 +167,7 @@ def parse_completion(body: dict, spec: FunctionSpec, tok: Tokenizer) -> Parsed:
 
 
 def parse_chat(body: dict, spec: FunctionSpec, tok: Tokenizer) -> Parsed:
+    check_fields(body, chat=True)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' is required: a non-empty list of {role, content}", param="messages")

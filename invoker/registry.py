@@ -2,14 +2,22 @@
 
 Deploying creates the function's invocation stream and consumer group up front, so a worker can join the group
 before the first request and a request can never land in a stream nobody reads.
+
+Entries are checked when read, not only when deployed: anyone who can write to Redis can write to the hash, and
+one entry that is not a spec we wrote must not stop `/v1/models`, the warmer or any worker from serving the
+others. Such an entry is logged and skipped.
 """
 
 from __future__ import annotations
 
+import logging
+
 import redis
 
-from functions.spec import FunctionSpec
+from functions.spec import FunctionSpec, SpecError, quote
 from protocol import keys
+
+log = logging.getLogger(__name__)
 
 
 class Registry:
@@ -40,10 +48,24 @@ class Registry:
 
     def get(self, name: str) -> FunctionSpec | None:
         raw = self.r.hget(keys.FUNCTIONS, name)
-        return FunctionSpec.from_json(raw) if raw else None
+        return checked(name.encode(), raw) if raw else None
 
     def all(self) -> dict[str, FunctionSpec]:
-        return {k.decode(): FunctionSpec.from_json(v) for k, v in self.r.hgetall(keys.FUNCTIONS).items()}
+        specs = (checked(k, v) for k, v in self.r.hgetall(keys.FUNCTIONS).items())
+        return {s.name: s for s in specs if s is not None}
 
     def version(self) -> int:
         return int(self.r.get(keys.FUNCTIONS_VERSION) or 0)
+
+
+def checked(name: bytes, raw: bytes) -> FunctionSpec | None:
+    """The entry as a spec, or None (logged) when it is not one we wrote under this name."""
+    try:
+        spec = FunctionSpec.from_json(raw)
+    except SpecError as exc:
+        log.error("registry entry %s skipped: %s", quote(name), exc)
+        return None
+    if spec.name.encode() != name:
+        log.error("registry entry %s skipped: it holds the spec of %s", quote(name), quote(spec.name))
+        return None
+    return spec

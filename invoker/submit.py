@@ -4,6 +4,10 @@ Routing is by consumer group: every worker that holds a function WARM or HOT rea
 invocation goes to whichever such worker has capacity first. When no live worker holds the function (a cold
 invocation), the router sends `activate` control jobs to the workers with the most free memory; the request waits
 in the stream meanwhile and is never lost.
+
+Answers come back through the gateway process's one `AnswerReader` (no Redis connection per waiting request). The
+gateway that holds the client also holds its `Invocation`: if the entry vanished from the stream without an answer
+(a Redis restart that had not persisted it), it is submitted again; workers run a request id once at a time.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import redis
 import redis.asyncio as aredis
@@ -19,6 +24,7 @@ from rq import Queue
 
 from functions.spec import FunctionSpec
 from invoker import history
+from invoker.fanout import AnswerReader
 from protocol import keys
 from protocol.messages import Done, Event, Failed, Invocation, Restart, Start, Token, WorkerInfo, decode_event
 from protocol.settings import Settings
@@ -39,6 +45,14 @@ class NoWorkers(Exception):
     pass
 
 
+@dataclass
+class Accepted:
+    """An invocation now durable in its function's stream, and where: enough to find out whether it was lost."""
+
+    inv: Invocation
+    entry_id: bytes
+
+
 async def live_workers(r: aredis.Redis, settings: Settings) -> list[WorkerInfo]:
     """Workers whose heartbeat is fresh, with what they last reported."""
     ids = await r.zrangebyscore(keys.WORKERS, time.time() - settings.heartbeat_timeout_s, "+inf")
@@ -57,16 +71,18 @@ def live_workers_sync(r: redis.Redis, settings: Settings) -> list[WorkerInfo]:
 
 
 class InvokerClient:
-    def __init__(self, r: aredis.Redis, sync_redis: redis.Redis, settings: Settings) -> None:
+    def __init__(self, r: aredis.Redis, sync_redis: redis.Redis, settings: Settings, reader: AnswerReader) -> None:
         self.r = r
         self.sync_redis = sync_redis  # RQ is synchronous; its enqueues run in a thread
         self.settings = settings
+        self.reader = reader
 
     async def queue_depth(self, function: str) -> int:
         return int(await self.r.xlen(keys.invocations(function)))
 
-    async def submit(self, inv: Invocation, spec: FunctionSpec) -> None:
-        """Accept an invocation or raise QueueFull / NoWorkers; once this returns, the request is durable."""
+    async def submit(self, inv: Invocation, spec: FunctionSpec) -> Accepted:
+        """Accept an invocation or raise QueueFull / NoWorkers (or a RedisError: not accepted); once this returns,
+        the request is durable."""
         depth = await self.queue_depth(spec.name)
         if depth >= spec.scaling.max_queue:
             raise QueueFull(spec.name, depth, spec.scaling.max_queue, retry_after_s=max(1, depth // 50))
@@ -76,8 +92,13 @@ class InvokerClient:
         async with self.r.pipeline(transaction=False) as p:
             p.xadd(keys.invocations(spec.name), inv.to_fields())
             history.record_arrival(p, spec.name, inv.created, self.settings.history_bucket_s)
-            await p.execute()
-        await self.ensure_routed(spec, workers)
+            entry_id, *_ = await p.execute()
+        accepted = Accepted(inv, entry_id)
+        try:
+            await self.ensure_routed(spec, workers)
+        except redis.RedisError as exc:  # accepted already: a waiting request re-checks its routing
+            log.warning("function %s: routing deferred (%s)", spec.name, exc)
+        return accepted
 
     async def ensure_routed(self, spec: FunctionSpec, workers: list[WorkerInfo] | None = None) -> None:
         """Make sure enough live workers hold `spec` WARM/HOT; send activate jobs when they don't."""
@@ -96,56 +117,108 @@ class InvokerClient:
             )
 
     async def events(
-        self, spec: FunctionSpec, request_id: str, timeout_s: float, restartable: bool = False
+        self,
+        spec: FunctionSpec,
+        request_id: str,
+        timeout_s: float,
+        restartable: bool = False,
+        accepted: Accepted | None = None,
     ) -> AsyncIterator[Answer]:
         """Yield the request's events in order, each token position once, ending with `Done` or `Failed`.
 
         A re-delivered invocation starts again at position 0 on another worker. When nothing has reached the
         client yet (`restartable`: a non-streamed answer), the re-run replaces the partial answer: a `Restart`
         says so. Otherwise positions already sent are skipped, and the client sees one complete answer.
+        With `accepted`, an invocation lost from its stream, or a `Done` with positions missing (answer events
+        lost in a Redis restart), is submitted again and its re-run completes the answer.
         """
-        key = keys.response(request_id)
-        last_id, next_pos, starts = "0", 0, 0
+        queue = await self.reader.subscribe(request_id)
+        next_pos, starts = 0, 0
         start = last_event = time.monotonic()
         try:
             while True:
-                got = await self.r.xread({key: last_id}, count=256, block=1000)
-                now = time.monotonic()
-                if not got:
+                try:
+                    _, fields = queue.get_nowait() if not queue.empty() else await self.next_entry(queue)
+                except TimeoutError:
+                    now = time.monotonic()
                     if now - start > timeout_s:
                         yield Failed(504, f"function '{spec.name}' gave no answer within {timeout_s:.0f} s")
                         return
                     if now - last_event > self.settings.reroute_after_s:
                         last_event = now
-                        await self.ensure_routed(spec)
+                        await self.recheck(spec, accepted)
                     continue
-                last_event = now
-                for entry_id, fields in got[0][1]:
-                    last_id = entry_id
-                    ev = decode_event(fields)
-                    if isinstance(ev, Start):
-                        starts += 1
-                        if starts > 1 and restartable:
-                            next_pos = 0
-                            yield Restart(ev.worker)
-                    elif isinstance(ev, Token):
-                        if ev.pos != next_pos:
-                            continue  # a re-execution replaying positions the client already has
-                        next_pos += 1
-                    yield ev
-                    if isinstance(ev, Done | Failed):
-                        return
+                last_event = time.monotonic()
+                ev = decode_event(fields)
+                if isinstance(ev, Start):
+                    starts += 1
+                    if starts > 1 and restartable:
+                        next_pos = 0
+                        yield Restart(ev.worker)
+                elif isinstance(ev, Token):
+                    if ev.pos != next_pos:
+                        continue  # a re-execution replaying positions the client already has
+                    next_pos += 1
+                elif isinstance(ev, Done) and next_pos < ev.completion_tokens and accepted is not None:
+                    await self.recheck(spec, accepted, lost=f"its answer lost positions {next_pos}..")
+                    continue
+                yield ev
+                if isinstance(ev, Done | Failed):
+                    return
         finally:
-            await self.r.delete(key)
+            self.reader.unsubscribe(request_id)
+            try:
+                await self.r.delete(keys.response(request_id))
+            except redis.RedisError:
+                pass  # it expires (response_ttl_s)
+
+    @staticmethod
+    async def next_entry(queue: asyncio.Queue) -> tuple[bytes, dict[bytes, bytes]]:
+        async with asyncio.timeout(1.0):
+            return await queue.get()
+
+    async def recheck(self, spec: FunctionSpec, accepted: Accepted | None, lost: str = "") -> None:
+        """A request heard nothing for a while (or `lost` says what it misses): re-route its function, and submit
+        it again if it was lost. Never raises: a Redis outage leaves it waiting."""
+        try:
+            await self.ensure_routed(spec)
+            if accepted is not None and (lost or await self.vanished(accepted)):
+                await self.resubmit(accepted, lost or "its invocation vanished from the stream")
+        except redis.RedisError as exc:
+            log.warning("function %s: cannot re-check a waiting request (%s)", spec.name, exc)
+
+    async def vanished(self, accepted: Accepted) -> bool:
+        """The entry is gone from the stream yet its answer is not complete: a worker acknowledges (XACK + XDEL)
+        only after the whole answer is written, so only a Redis restart that had not persisted it gets here."""
+        stream = keys.invocations(accepted.inv.function)
+        if await self.r.xrange(stream, accepted.entry_id, accepted.entry_id):
+            return False
+        last = await self.r.xrevrange(keys.response(accepted.inv.request_id), "+", "-", count=1)
+        return not last or not isinstance(decode_event(last[0][1]), Done | Failed)
+
+    async def resubmit(self, accepted: Accepted, why: str) -> None:
+        """Add the same invocation again (same request id and seed): its re-run regenerates the same tokens, and a
+        worker still running the first copy drops the second."""
+        stream = keys.invocations(accepted.inv.function)
+        log.warning("request %s: %s (Redis restarted without it?); submitting it again", accepted.inv.request_id, why)
+        try:  # the whole stream, group included, may be what was lost
+            await self.r.xgroup_create(stream, keys.GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        accepted.entry_id = await self.r.xadd(stream, accepted.inv.to_fields())
 
     async def cancel(self, request_id: str) -> None:
         """The client went away: tell workers to stop generating (best effort)."""
-        await self.r.publish(keys.CANCEL_CHANNEL, request_id)
+        try:
+            await self.r.publish(keys.CANCEL_CHANNEL, request_id)
+        except redis.RedisError as exc:
+            log.warning("request %s: cannot publish its cancel (%s); it runs to the end", request_id, exc)
 
 
 def send_control(r: redis.Redis, worker_id: str, action: ControlAction, function: str, settings: Settings) -> str:
     """Enqueue one control job on a worker's RQ queue (by import path: no worker code here); returns the job id."""
-    job = Queue(keys.control_queue(worker_id), connection=r).enqueue(
+    job = Queue(keys.control_queue(worker_id), connection=r, serializer=keys.CONTROL_SERIALIZER).enqueue(
         keys.CONTROL_JOB,
         ControlAction(action).value,
         function,

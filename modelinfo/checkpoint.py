@@ -3,6 +3,9 @@
 `plan_layout` lays the tensors the engine needs into one weight buffer of the serving dtype; the GPU runtime
 turns it into typed views, the warmer and the spec check only need its size (which equals
 `ModelConfig.weight_bytes`: the plan checks every shape against config.json).
+
+Under "fp8" a projection is either read as stored (an FP8 checkpoint: float8 weights and their ``weight_scale``)
+or quantized by the loader from a bf16/fp32 weight, which then also writes the scale slot (``src_dtype`` "").
 """
 
 from __future__ import annotations
@@ -12,9 +15,19 @@ import os
 import struct
 from dataclasses import dataclass
 
-from modelinfo.config import ALIGN, ModelConfig, ModelFileError, dtype_bytes, expected_shape, required_tensors
+from modelinfo.config import (
+    ALIGN,
+    ELEMENT_BYTES,
+    FP8_ELEMENT,
+    ModelConfig,
+    ModelFileError,
+    expected_shape,
+    required_tensors,
+    tensor_dtype,
+)
 
-SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}  # checkpoint dtypes we convert from
+SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1}  # checkpoint dtypes we convert from
+FP8_SOURCE = "F8_E4M3"
 MAX_HEADER_BYTES = 100 << 20
 
 
@@ -26,10 +39,11 @@ class Slot:
     file: str  # absolute path of its .safetensors file
     file_offset: int  # absolute byte offset of its data in that file (8 + header_len + data_offsets[0])
     src_nbytes: int  # bytes in the file
-    src_dtype: str  # safetensors dtype string, e.g. "BF16", "F32"
+    src_dtype: str  # safetensors dtype string, e.g. "BF16", "F32"; "" for a scale the loader computes
     shape: tuple[int, ...]
     offset: int  # byte offset in the model's weight buffer (in the serving dtype)
     nbytes: int  # bytes in the buffer (serving dtype)
+    dtype: str = "float32"  # element type in the buffer (torch name): the serving dtype, or per tensor under fp8
 
 
 def read_header(path: str) -> tuple[int, dict]:
@@ -86,27 +100,51 @@ def plan_layout(model_dir: str, cfg: ModelConfig, dtype: str) -> tuple[tuple[Slo
         data_start, header = read_header(path)
         for name, info in header.items():
             found[name] = (path, data_start, info)
-    elem = dtype_bytes(dtype)
     slots: list[Slot] = []
     offset = 0
-    for group in required_tensors(cfg):
+    for group in required_tensors(cfg, dtype):
         offset = -(-offset // ALIGN) * ALIGN
         for name in group:
-            if name not in found:
-                raise ModelFileError(f"{model_dir}: tensor {name!r} missing from the safetensors files")
-            path, data_start, info = found[name]
-            shape = tuple(int(x) for x in info["shape"])
-            if info["dtype"] not in SAFETENSORS_BYTES:
-                raise ModelFileError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-            want = expected_shape(cfg, name)
-            if shape != want:
-                raise ModelFileError(f"{path}: tensor {name!r} has shape {shape}, config.json implies {want}")
-            begin, end = info["data_offsets"]
-            n = 1
-            for x in shape:
-                n *= x
-            if end - begin != n * SAFETENSORS_BYTES[info["dtype"]]:
-                raise ModelFileError(f"{path}: tensor {name!r} byte range does not match its shape")
-            slots.append(Slot(name, path, data_start + begin, end - begin, info["dtype"], shape, offset, n * elem))
-            offset += n * elem
+            element = tensor_dtype(cfg, name, dtype)
+            shape = expected_shape(cfg, name)
+            nbytes = _numel(shape) * ELEMENT_BYTES[element]
+            if name.endswith(".weight_scale") and _quantized_on_load(found, name):
+                slots.append(Slot(name, "", 0, 0, "", shape, offset, nbytes, element))
+            else:
+                slots.append(_source_slot(model_dir, found, name, shape, element, offset, nbytes))
+            offset += nbytes
     return tuple(slots), -(-offset // ALIGN) * ALIGN
+
+
+def _numel(shape) -> int:
+    n = 1
+    for x in shape:
+        n *= x
+    return n
+
+
+def _quantized_on_load(found: dict, scale_name: str) -> bool:
+    """A scale slot is computed by the loader when its weight is stored unquantized (e.g. bf16)."""
+    weight = found.get(scale_name.removesuffix("_scale"))
+    return weight is not None and weight[2]["dtype"] != FP8_SOURCE
+
+
+def _source_slot(model_dir: str, found: dict, name: str, want: tuple, element: str, offset: int, nbytes: int) -> Slot:
+    if name not in found:
+        raise ModelFileError(f"{model_dir}: tensor {name!r} missing from the safetensors files")
+    path, data_start, info = found[name]
+    shape = tuple(int(x) for x in info["shape"])
+    src = info["dtype"]
+    if src not in SAFETENSORS_BYTES:
+        raise ModelFileError(f"{path}: tensor {name!r} has unsupported dtype {src}")
+    if src == FP8_SOURCE and element != FP8_ELEMENT:
+        raise ModelFileError(f"{path}: tensor {name!r} is FP8 (an FP8 checkpoint): deploy it with dtype fp8")
+    if name.endswith(".weight_scale"):
+        if _numel(shape) not in (want[0], 1):  # per output channel ([N] or [N, 1]) or per tensor
+            raise ModelFileError(f"{path}: tensor {name!r} has shape {shape}, want one scale per row of {want[0]}")
+    elif shape != want:
+        raise ModelFileError(f"{path}: tensor {name!r} has shape {shape}, config.json implies {want}")
+    begin, end = info["data_offsets"]
+    if end - begin != _numel(shape) * SAFETENSORS_BYTES[src]:
+        raise ModelFileError(f"{path}: tensor {name!r} byte range does not match its shape")
+    return Slot(name, path, data_start + begin, end - begin, src, want, offset, nbytes, element)

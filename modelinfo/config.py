@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 ARCHITECTURES = {
@@ -20,8 +21,16 @@ ARCHITECTURES = {
 }
 
 
-# Serving dtypes a function may name, and their bytes per element.
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Serving dtypes a function may name, and their bytes per weight element. "fp8" stores the seven projections of
+# every layer as float8 e4m3 (1 byte) plus one float32 scale per output channel; embeddings, norms, biases and
+# lm_head stay bfloat16, activations and the KV cache too.
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
+FP8 = "fp8"
+FP8_ELEMENT = "float8_e4m3fn"  # the torch name of the projections' element type under "fp8"
+ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, FP8_ELEMENT: 1}
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Checkpoint quantization formats we read: llm-compressor's float-quantized compressed-tensors and Meta's fbgemm.
+FP8_FORMATS = ("compressed-tensors", "fbgemm_fp8")
 ALIGN = 256  # every contiguous group of tensors starts at a multiple of this in the weight buffer
 
 
@@ -47,6 +56,9 @@ class ModelConfig:
     attention_bias: bool
     qk_norm: bool
     eos_token_ids: tuple[int, ...] = field(default=())
+    fp8_checkpoint: bool = False  # config.json has an FP8 quantization_config: serve it with dtype "fp8"
+    fp8_skip: tuple[str, ...] = ()  # modules the checkpoint left unquantized (names, prefixes, or "re:" patterns)
+    activation_scale_ub: float | None = None  # fbgemm: clamp on each token's activation amax before scaling
 
     @property
     def q_size(self) -> int:
@@ -57,20 +69,72 @@ class ModelConfig:
         return self.num_key_value_heads * self.head_dim
 
     def kv_bytes_per_token(self, dtype: str) -> int:
-        """K and V of one token across all layers, in the serving dtype."""
-        return 2 * self.num_hidden_layers * self.kv_size * dtype_bytes(dtype)
+        """K and V of one token across all layers, in the activation dtype (bfloat16 under "fp8")."""
+        return 2 * self.num_hidden_layers * self.kv_size * ELEMENT_BYTES[activation_dtype(dtype)]
 
     def weight_bytes(self, dtype: str) -> int:
         """The model's weight buffer in the serving dtype, as the worker lays it out (aligned groups)."""
         offset = 0
-        for group in required_tensors(self):
+        for group in required_tensors(self, dtype):
             offset = -(-offset // ALIGN) * ALIGN
             for name in group:
-                n = 1
-                for x in expected_shape(self, name):
-                    n *= x
-                offset += n * dtype_bytes(dtype)
+                offset += _numel(expected_shape(self, name)) * ELEMENT_BYTES[tensor_dtype(self, name, dtype)]
         return -(-offset // ALIGN) * ALIGN
+
+    def num_params(self) -> int:
+        """Weight elements (scales not counted): prefill costs 2 FLOPs per parameter per token."""
+        return sum(_numel(expected_shape(self, n)) for group in required_tensors(self) for n in group)
+
+    def fp8_skipped(self, module: str) -> bool:
+        """True if the checkpoint left ``module`` (e.g. ``model.layers.0.mlp.down_proj``) unquantized."""
+        for entry in self.fp8_skip:
+            if entry.startswith("re:"):
+                if re.match(entry[3:], module):
+                    return True
+            elif module == entry or module.startswith(entry + "."):
+                return True
+        return False
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for x in shape:
+        n *= x
+    return n
+
+
+def activation_dtype(dtype: str) -> str:
+    """The dtype of activations and of the KV cache when serving in ``dtype``."""
+    dtype_bytes(dtype)
+    return "bfloat16" if dtype == FP8 else dtype
+
+
+def is_fp8_projection(cfg: ModelConfig, name: str) -> bool:
+    """A projection weight that "fp8" stores as float8 (all of them unless the checkpoint skipped its group)."""
+    module, _, leaf = name.rpartition(".")
+    if leaf != "weight" or module.rpartition(".")[2] not in PROJECTIONS:
+        return False
+    return not any(cfg.fp8_skipped(m) for m in _fused_group(module))
+
+
+def _fused_group(module: str) -> list[str]:
+    """The modules one fused matmul runs with ``module`` (they must share one element type)."""
+    parent, _, leaf = module.rpartition(".")
+    if leaf in ("q_proj", "k_proj", "v_proj"):
+        return [f"{parent}.{x}_proj" for x in "qkv"]
+    if leaf in ("gate_proj", "up_proj"):
+        return [f"{parent}.gate_proj", f"{parent}.up_proj"]
+    return [module]
+
+
+def tensor_dtype(cfg: ModelConfig, name: str, dtype: str) -> str:
+    """Element type of tensor ``name`` in the weight buffer of a model served in ``dtype``."""
+    if dtype != FP8:
+        dtype_bytes(dtype)
+        return dtype
+    if name.endswith(".weight_scale"):
+        return "float32"
+    return FP8_ELEMENT if is_fp8_projection(cfg, name) else "bfloat16"
 
 
 def dtype_bytes(dtype: str) -> int:
@@ -79,21 +143,28 @@ def dtype_bytes(dtype: str) -> int:
     return DTYPE_BYTES[dtype]
 
 
-def required_tensors(cfg: ModelConfig) -> list[list[str]]:
-    """The tensors the engine needs, in buffer order, as groups that must be contiguous."""
+def required_tensors(cfg: ModelConfig, dtype: str = "bfloat16") -> list[list[str]]:
+    """The tensors the engine needs, in buffer order, as groups that must be contiguous. Under "fp8" each FP8
+    projection group is followed by its per-output-channel scales (``<module>.weight_scale``), fused alike."""
     groups: list[list[str]] = [["model.embed_tokens.weight"]]
+
+    def projections(names: list[str]) -> None:
+        groups.append(names)
+        if dtype == FP8 and is_fp8_projection(cfg, names[0]):
+            groups.append([n + "_scale" for n in names])
+
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
         groups.append([p + "input_layernorm.weight"])
-        groups.append([p + f"self_attn.{x}_proj.weight" for x in "qkv"])
+        projections([p + f"self_attn.{x}_proj.weight" for x in "qkv"])
         if cfg.attention_bias:
             groups.append([p + f"self_attn.{x}_proj.bias" for x in "qkv"])
         if cfg.qk_norm:
             groups += [[p + "self_attn.q_norm.weight"], [p + "self_attn.k_norm.weight"]]
-        groups.append([p + "self_attn.o_proj.weight"])
+        projections([p + "self_attn.o_proj.weight"])
         groups.append([p + "post_attention_layernorm.weight"])
-        groups.append([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"])
-        groups.append([p + "mlp.down_proj.weight"])
+        projections([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"])
+        projections([p + "mlp.down_proj.weight"])
     groups.append(["model.norm.weight"])
     if not cfg.tie_word_embeddings:
         groups.append(["lm_head.weight"])
@@ -101,7 +172,9 @@ def required_tensors(cfg: ModelConfig) -> list[list[str]]:
 
 
 def expected_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
-    """The shape config.json implies for one of the `required_tensors`."""
+    """The shape config.json implies for one of the `required_tensors` (a scale: one per output channel)."""
+    if name.endswith(".weight_scale"):
+        return expected_shape(cfg, name.removesuffix("_scale"))[:1]
     h, d = cfg.hidden_size, cfg.head_dim
     table = {
         "embed_tokens.weight": (cfg.vocab_size, h),
@@ -205,6 +278,7 @@ def config_from_dict(raw: dict, path: str = "config.json", builtin: bool = True)
             attention_bias=arch == "qwen2" or bool(raw.get("attention_bias", False)),
             qk_norm=arch == "qwen3",
             eos_token_ids=_eos_ids(raw.get("eos_token_id")),
+            **_fp8_fields(raw.get("quantization_config"), path),
         )
     except KeyError as e:
         raise ModelFileError(f"{path}: field {e.args[0]!r} missing") from e
@@ -215,6 +289,29 @@ def config_from_dict(raw: dict, path: str = "config.json", builtin: bool = True)
     if cfg.num_attention_heads % cfg.num_key_value_heads:
         raise ModelFileError(f"{path}: num_attention_heads must be a multiple of num_key_value_heads")
     return cfg
+
+
+def _fp8_fields(quant: dict | None, path: str) -> dict:
+    """ModelConfig fields for a checkpoint's ``quantization_config``: FP8 e4m3 weights with per-channel (or
+    per-tensor) scales in one of `FP8_FORMATS`; ModelFileError for any other quantization."""
+    if not quant:
+        return {}
+    method = quant.get("quant_method")
+    if method not in FP8_FORMATS:
+        raise ModelFileError(f"{path}: unsupported quantization_config.quant_method {method!r}; supported: FP8 as "
+                             f"{' or '.join(FP8_FORMATS)}")  # fmt: skip
+    if method == "fbgemm_fp8":
+        ub = quant.get("activation_scale_ub")
+        skip = tuple(quant.get("modules_to_not_convert") or ())
+        return {"fp8_checkpoint": True, "fp8_skip": skip, "activation_scale_ub": float(ub) if ub else None}
+    for name, group in (quant.get("config_groups") or {}).items():
+        w = group.get("weights") or {}
+        if w.get("type") != "float" or w.get("num_bits") != 8 or w.get("strategy") not in ("channel", "tensor"):
+            raise ModelFileError(
+                f"{path}: quantization_config.config_groups.{name}.weights: only 8-bit float weights with channel "
+                f"or tensor scales are supported, got {w}"
+            )
+    return {"fp8_checkpoint": True, "fp8_skip": tuple(quant.get("ignore") or ())}
 
 
 def _max_positions(raw: dict) -> int:

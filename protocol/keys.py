@@ -22,6 +22,8 @@ GROUP = "workers"
 WARMER_STATE = f"{PREFIX}:warmer"
 # The RQ job every control action runs as, by import path (RQ pickles the path, not the code).
 CONTROL_JOB = "worker.control.apply"
+# How control jobs are encoded: JSON, because RQ's default (pickle) runs code when a job is read.
+CONTROL_SERIALIZER = "rq.serializers.JSONSerializer"
 
 
 def invocations(function: str) -> str:
@@ -60,3 +62,21 @@ def routing_lock(function: str) -> str:
     """Short-lived marker: an activate job for this function was just sent, don't send another.
     redis-cli TTL ws:routing:<fn>"""
     return f"{PREFIX}:routing:{function}"
+
+
+def gateway_wake(reader_id: str) -> str:
+    """Stream a gateway's answer reader blocks on besides the answer streams: an entry here wakes it to read a
+    request that started waiting during its blocking read (trimmed to one entry, expires when the gateway is gone).
+    redis-cli --scan --pattern 'ws:wake:*'"""
+    return f"{PREFIX}:wake:{reader_id}"
+
+
+# API keys: hash key id -> ApiKey JSON (scope, functions, limits, sha256 of the secret; never the secret itself).
+# redis-cli HGETALL ws:apikeys
+API_KEYS = f"{PREFIX}:apikeys"
+
+
+def rate(key_id: str, what: str, minute: int) -> str:
+    """Per-key counter of requests ("req") or tokens ("tok") in one minute, shared by every gateway; expires.
+    redis-cli GET ws:rate:<key id>:req:<unix minute>"""
+    return f"{PREFIX}:rate:{key_id}:{what}:{minute}"

@@ -26,9 +26,20 @@ class Settings:
     kv_seqs: int = 8  # KV a HOT model reserves: this many sequences at its max_model_len
     # ---- the gateway and the router ----
     request_timeout_s: float = 300.0  # a request with no answer by then gets 504
-    max_body_bytes: int = 4 << 20  # request bodies over this get 413
+    max_body_bytes: int = 4 << 20  # request bodies over this get 413 (counted while reading, never read whole)
+    max_spec_bytes: int = 64 << 10  # a function spec (deploy body) over this gets 413; a real one is < 1 KiB
+    body_timeout_s: float = 30.0  # a request body not fully received by then gets 408 (a trickling client)
+    header_timeout_s: float = 10.0  # a connection that has not sent a whole request head by then is closed
+    keep_alive_s: int = 5  # an idle keep-alive connection is closed after this (uvicorn's timeout_keep_alive)
+    max_header_bytes: int = 16 << 10  # a request head over this is refused (h11's max_incomplete_event_size)
+    model_roots: str = ""  # more directories models may live in (os.pathsep-separated); the cache's models/ always
+    # ---- API keys (gateway) ----
+    rate_rpm: int = 600  # requests per minute per key, unless the key sets its own; 0: unlimited
+    rate_tpm: int = 1_000_000  # tokens (prompt + max_tokens, counted at admission) per minute per key; 0: unlimited
     routing_lock_s: int = 10  # after an activate for a cold function, no other is sent for this long
     reroute_after_s: float = 3.0  # a waiting request that has seen no event this long re-checks its routing
+    # (and that its invocation is still queued: one lost in a Redis restart is submitted again)
+    redis_connections: int = 64  # a gateway's pool for short commands: past it, a command waits for a connection
     control_job_timeout_s: int = 600  # RQ kills a control job (a load) running longer than this
     # ---- the warmer (and the simulator's warmserve policy) ----
     warmer_interval_s: float = 5.0  # one planning round this often

@@ -65,3 +65,75 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
 def prompts(vocab: int, lengths: list[int], seed: int = 1) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _is_projection(name: str) -> bool:
+    return name.endswith(".weight") and name.split(".")[-2] in PROJECTIONS
+
+
+def write_fp8_checkpoint(src: str, dst: str, fmt: str, skip: tuple[str, ...] = ()) -> None:
+    """Rewrite the model in ``src`` as a published FP8 checkpoint in ``dst``: float8 e4m3 projection weights
+    with per-output-channel ``weight_scale`` [N, 1], as llm-compressor writes them (``fmt`` "compressed-tensors":
+    bf16 scales, ``ignore``) or as Meta's FP8 Llama releases do ("fbgemm_fp8": float32 scales,
+    ``modules_to_not_convert``). Modules in ``skip`` stay as they were."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from gpu_runtime.fp8 import quantize_rows
+
+    shutil.copytree(src, dst)
+    tensors = {}
+    for name, t in load_file(os.path.join(src, "model.safetensors")).items():
+        if not _is_projection(name) or name.removesuffix(".weight") in skip:
+            tensors[name] = t
+            continue
+        q, scale = quantize_rows(t)
+        tensors[name] = q
+        tensors[name + "_scale"] = scale[:, None].to(torch.bfloat16 if fmt == "compressed-tensors" else torch.float32)
+    save_file(tensors, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(dst, "config.json")) as f:
+        config = json.load(f)
+    if fmt == "compressed-tensors":
+        scheme = {"num_bits": 8, "type": "float", "symmetric": True}
+        config["quantization_config"] = {
+            "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+            "ignore": ["lm_head", *skip],
+            "config_groups": {"group_0": {
+                "targets": ["Linear"], "weights": {**scheme, "strategy": "channel", "dynamic": False},
+                "input_activations": {**scheme, "strategy": "token", "dynamic": True},
+            }},
+        }  # fmt: skip
+    else:
+        config["quantization_config"] = {
+            "quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0, "modules_to_not_convert": ["lm_head", *skip],
+        }  # fmt: skip
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(config, f)
+
+
+def write_dequantized(fp8_dir: str, dst: str) -> None:
+    """The FP8 checkpoint in ``fp8_dir`` with every weight dequantized (weight x scale) to float32, no
+    quantization_config: the reference its FP8 run must match."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(fp8_dir, dst)
+    src = load_file(os.path.join(fp8_dir, "model.safetensors"))
+    tensors = {}
+    for name, t in src.items():
+        if name.endswith("_scale"):
+            continue
+        if t.dtype == torch.float8_e4m3fn:
+            t = t.float() * src[name + "_scale"].float()
+        tensors[name] = t.float()
+    save_file(tensors, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(dst, "config.json")) as f:
+        config = json.load(f)
+    config.pop("quantization_config")
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(config, f)

@@ -15,6 +15,7 @@ from conftest import wait_for
 from protocol import keys
 
 FN = "e2e-tiny"
+YAML = {"content-type": "application/yaml"}  # deploys name their type: text/plain is refused (cross-site forms)
 
 
 def spec_yaml(model, name=FN, **extra) -> str:
@@ -183,7 +184,7 @@ def test_function_crud_json_and_yaml(deployed, tiny_model):
     assert httpx.post(f"{url}/functions", json=spec).status_code == 201
     assert httpx.put(f"{url}/functions/crud-fn", json={**spec, "max_model_len": 96}).status_code == 200
     assert httpx.get(f"{url}/functions/crud-fn").json()["max_model_len"] == 96
-    bad = httpx.post(f"{url}/functions", content="name: crud-fn\nmodel: /does/not/exist\n")
+    bad = httpx.post(f"{url}/functions", content=f"name: crud-fn\nmodel: {tiny_model}-missing\n", headers=YAML)
     assert bad.status_code == 400 and "does not exist" in bad.json()["error"]["message"]
     assert httpx.get(f"{url}/functions/crud-fn").json()["model"] == str(tiny_model)  # the bad update changed nothing
     assert httpx.delete(f"{url}/functions/crud-fn").status_code == 200
@@ -194,7 +195,7 @@ def test_function_crud_json_and_yaml(deployed, tiny_model):
 def test_reference_engine_agrees_with_builtin(deployed, tiny_model):
     url = deployed.url
     assert httpx.post(
-        f"{url}/functions", content=spec_yaml(tiny_model, "ref-fn").replace("builtin", "transformers")
+        f"{url}/functions", content=spec_yaml(tiny_model, "ref-fn").replace("builtin", "transformers"), headers=YAML
     ).is_success
     body = {"prompt": "Hello world", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
     ref = httpx.post(f"{url}/v1/completions", json={**body, "model": "ref-fn"}, timeout=120).json()
@@ -204,7 +205,7 @@ def test_reference_engine_agrees_with_builtin(deployed, tiny_model):
 
 def test_queue_limit_gives_429_with_retry_after(deployed, tiny_model):
     url = deployed.url
-    httpx.post(f"{url}/functions", content=spec_yaml(tiny_model, "tiny-queue", scaling="{max_queue: 2}"))
+    httpx.post(f"{url}/functions", content=spec_yaml(tiny_model, "tiny-queue", scaling="{max_queue: 2}"), headers=YAML)
     r = redis.Redis.from_url(deployed.redis_url)
     for _ in range(2):  # nobody hosts this function yet, so these entries stay queued
         r.xadd(keys.invocations("tiny-queue"), {"inv": b"{}"})
@@ -252,7 +253,7 @@ def test_no_workers_gives_503(redis_url, tiny_model, tmp_path):
     redis.Redis.from_url(url).flushdb()
     s = start_stack(url, tmp_path, workers=0)
     try:
-        assert httpx.post(f"{s.url}/functions", content=spec_yaml(tiny_model)).status_code == 201
+        assert httpx.post(f"{s.url}/functions", content=spec_yaml(tiny_model), headers=YAML).status_code == 201
         resp = httpx.post(f"{s.url}/v1/completions", json={"model": FN, "prompt": "hi"})
         assert resp.status_code == 503 and "Retry-After" in resp.headers
         assert json.loads(resp.text)["error"]["code"] == "no_workers"
@@ -266,7 +267,8 @@ def test_a_broken_tokenizer_is_a_server_error_naming_the_function(deployed, tiny
 
     broken = tmp_path / "broken-tok"
     shutil.copytree(tiny_model, broken)
-    assert httpx.post(f"{deployed.url}/functions", content=spec_yaml(broken, "broken-tok")).status_code == 201
+    deployed_broken = httpx.post(f"{deployed.url}/functions", content=spec_yaml(broken, "broken-tok"), headers=YAML)
+    assert deployed_broken.status_code == 201
     (broken / "tokenizer.json").write_text("{ not a tokenizer")
     resp = httpx.post(f"{deployed.url}/v1/completions", json={"model": "broken-tok", "prompt": "hi"}, timeout=60)
     assert resp.status_code == 500
@@ -274,3 +276,27 @@ def test_a_broken_tokenizer_is_a_server_error_naming_the_function(deployed, tiny
     assert error["type"] == "server_error"
     assert "function 'broken-tok'" in error["message"] and "tokenizer" in error["message"]
     assert httpx.delete(f"{deployed.url}/functions/broken-tok").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"logprobs": 2}, "logprobs"),
+        ({"echo": True}, "echo"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"best_of": 3}, "best_of"),
+        ({"frobnicate": 1}, "frobnicate"),
+    ],
+)
+def test_unsupported_fields_are_refused_by_name_not_ignored(deployed, extra, param):
+    body = {"model": FN, "prompt": "hi", "max_tokens": 2, **extra}
+    resp = httpx.post(f"{deployed.url}/v1/completions", json=body, timeout=60)
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == param
+
+
+def test_default_values_of_unsupported_fields_are_accepted(client):
+    out = client.completions.create(
+        model=FN, prompt="hi", max_tokens=2, temperature=0, logprobs=None, echo=False, presence_penalty=0, user="u1"
+    )
+    assert out.usage.completion_tokens == 2

@@ -26,7 +26,10 @@ def report(r, worker_id: str, models: dict[str, str], free: int = 8 * GIB, last_
 
 
 def jobs(r, worker_id: str) -> list[tuple[str, str]]:
-    return [tuple(j.args) for j in Queue(keys.control_queue(worker_id), connection=r).jobs]
+    return [
+        tuple(j.args)
+        for j in Queue(keys.control_queue(worker_id), connection=r, serializer=keys.CONTROL_SERIALIZER).jobs
+    ]
 
 
 def test_min_instances_get_prewarmed_once_even_across_restarts(r, tiny_model):

@@ -75,7 +75,7 @@ def queued_actions(r: redis.Redis, workers: list[WorkerInfo]) -> list[cluster.Ac
     """Control jobs sent but not yet started: part of the cluster's future, so planning must not repeat them."""
     out = []
     for w in workers:
-        for job in Queue(keys.control_queue(w.worker_id), connection=r).get_jobs():
+        for job in Queue(keys.control_queue(w.worker_id), connection=r, serializer=keys.CONTROL_SERIALIZER).get_jobs():
             kind, fn = ControlAction.parse(job.args[0]), job.args[1]
             out.append(cluster.Action(kind, fn, w.worker_id, () if kind == ControlAction.LOAD_HOST else (0,)))
     return out
@@ -170,8 +170,8 @@ def run_warmer(redis_url: str, settings: Settings | None = None) -> None:
         t0 = time.monotonic()
         try:
             warmer.step()
-        except redis.RedisError as exc:
-            log.warning("warmer: redis error %s; retrying", exc)
+        except redis.RedisError as exc:  # Redis down or restarting: wait for it, never exit
+            log.warning("warmer: Redis unreachable (%s); retrying in %.1f s", exc, interval_s)
         except Exception:  # a bad plan must not stop prewarming for good
             log.exception("warmer: planning failed")
         time.sleep(max(0.0, interval_s - (time.monotonic() - t0)))

@@ -6,14 +6,16 @@ import argparse
 import logging
 import os
 import sys
+import time
 
 import httpx
 import orjson
 
-from functions.spec import SpecError, load_file
+from functions.spec import SpecError, load_document
 
 DEFAULT_URL = os.environ.get("WARMSERVE_URL", "http://127.0.0.1:8000")
 DEFAULT_REDIS = os.environ.get("WARMSERVE_REDIS", "redis://127.0.0.1:6379/0")
+API_KEY = os.environ.get("WARMSERVE_API_KEY")  # sent as a Bearer token by every client command
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -22,6 +24,8 @@ def setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not verbose:  # one INFO line per HTTP call from httpx is noise in a CLI; -v shows it
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def fail(message: str) -> int:
@@ -30,8 +34,9 @@ def fail(message: str) -> int:
 
 
 def call(method: str, url: str, **kw) -> httpx.Response:
+    headers = {**kw.pop("headers", {}), **({"authorization": f"Bearer {API_KEY}"} if API_KEY else {})}
     try:
-        return httpx.request(method, url, timeout=kw.pop("timeout", 60.0), **kw)
+        return httpx.request(method, url, timeout=kw.pop("timeout", 60.0), headers=headers, **kw)
     except httpx.HTTPError as exc:
         raise SystemExit(f"error: cannot reach the gateway at {url}: {exc}") from None
 
@@ -45,13 +50,45 @@ def error_text(resp: httpx.Response) -> str:
 
 # ---- process commands ----
 def cmd_gateway(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from gateway.app import create_app
+    from gateway.serve import is_loopback, serve
     from protocol.settings import Settings
 
     settings = Settings.from_env(**({"request_timeout_s": args.request_timeout} if args.request_timeout else {}))
-    uvicorn.run(create_app(args.redis, settings), host=args.host, port=args.port, log_level="warning")
+    # reachable from other machines: keys unless the operator says otherwise, in so many words
+    require_keys = args.auth if args.auth is not None else not is_loopback(args.host)
+    if not require_keys:
+        logging.getLogger("warmserve.gateway").warning(
+            "gateway on %s:%s is OPEN: no API key needed, every caller is an admin", args.host, args.port
+        )
+    serve(create_app(args.redis, settings, require_keys=require_keys), args.host, args.port, settings)
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    import redis
+
+    from gateway import apikeys
+
+    r = redis.Redis.from_url(args.redis)
+    if args.keys_command == "create":
+        functions = tuple(f for f in (args.functions or "").split(",") if f)
+        try:
+            key, token = apikeys.create(r, args.scope, functions, args.rpm, args.tpm, args.label)
+        except ValueError as exc:
+            return fail(str(exc))
+        print(f"created {key.scope} key {key.id} ({', '.join(key.functions) or 'all functions'}); shown only once:")
+        print(token)
+    elif args.keys_command == "ls":
+        print(f"{'ID':12} {'SCOPE':6} {'RPM':>7} {'TPM':>9}  {'CREATED':19}  {'LABEL':16} FUNCTIONS")
+        for k in apikeys.list_keys(r):
+            created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(k.created))
+            rpm, tpm = ("default" if v is None else v for v in (k.rpm, k.tpm))
+            print(f"{k.id:12} {k.scope:6} {rpm:>7} {tpm:>9}  {created:19}  {k.label:16} {','.join(k.functions) or '*'}")
+    elif not apikeys.revoke(r, args.id):
+        return fail(f"no key {args.id}")
+    else:
+        print(f"revoked {args.id}")
     return 0
 
 
@@ -84,18 +121,25 @@ def cmd_up(args: argparse.Namespace) -> int:
 # ---- client commands ----
 def cmd_deploy(args: argparse.Namespace) -> int:
     try:
-        spec = load_file(args.file)  # resolve paths relative to the file, and fail here with the file's name
+        doc = load_document(args.file)  # checked here first, so an error names the file
     except SpecError as exc:
         return fail(str(exc))
-    resp = call("POST", f"{args.url}/functions", content=spec.to_json(), headers={"content-type": "application/json"})
+    resp = call(
+        "POST", f"{args.url}/functions", content=orjson.dumps(doc), headers={"content-type": "application/json"}
+    )
     if resp.status_code >= 400:
         return fail(f"{args.file}: {error_text(resp)}")
-    print(f"{'deployed' if resp.json()['created'] else 'updated'} {spec.name} ({spec.engine}, {spec.model})")
+    got = resp.json()
+    spec = got["spec"]
+    print(f"{'deployed' if got['created'] else 'updated'} {spec['name']} ({spec['engine']}, {spec['model']})")
     return 0
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    fns = call("GET", f"{args.url}/functions").json()["functions"]
+    resp = call("GET", f"{args.url}/functions")
+    if resp.status_code >= 400:
+        return fail(error_text(resp))
+    fns = resp.json()["functions"]
     status = call("GET", f"{args.url}/status").json()["functions"]
     print(f"{'NAME':24} {'ENGINE':12} {'DTYPE':9} {'MAX_LEN':>7} {'QUEUE':>5}  MODEL")
     for f in fns:
@@ -127,7 +171,8 @@ def cmd_invoke(args: argparse.Namespace) -> int:
         return 0
     body["stream"] = True
     try:
-        with httpx.stream("POST", f"{args.url}{path}", json=body, timeout=args.timeout) as resp:
+        headers = {"authorization": f"Bearer {API_KEY}"} if API_KEY else {}
+        with httpx.stream("POST", f"{args.url}{path}", json=body, timeout=args.timeout, headers=headers) as resp:
             if resp.status_code >= 400:
                 resp.read()
                 return fail(error_text(resp))
@@ -147,7 +192,10 @@ def cmd_invoke(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    st = call("GET", f"{args.url}/status").json()
+    resp = call("GET", f"{args.url}/status")
+    if resp.status_code >= 400:
+        return fail(error_text(resp))
+    st = resp.json()
     print(f"{len(st['workers'])} live worker(s)")
     for w in st["workers"]:
         gib = 1 << 30
@@ -180,6 +228,12 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--functions", default=None, help="directory of function YAMLs to deploy (default: examples)")
     up.add_argument("--device", default=None, help="worker device (default: one worker per GPU, else cpu)")
+    up.add_argument(
+        "--auth",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="require API keys (default: only when --host is not loopback); up creates an admin key and prints it",
+    )
     up.set_defaults(fn=cmd_up)
 
     gw = sub.add_parser("gateway", help="run the HTTP gateway")
@@ -187,7 +241,27 @@ def parser() -> argparse.ArgumentParser:
     gw.add_argument("--host", default="127.0.0.1")
     gw.add_argument("--port", type=int, default=8000)
     gw.add_argument("--request-timeout", type=float, default=None, help="seconds (default: settings)")
+    gw.add_argument(
+        "--auth",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="require API keys (default: required unless --host is loopback; --no-auth runs open)",
+    )
     gw.set_defaults(fn=cmd_gateway)
+
+    ks = sub.add_parser("keys", help="API keys: create, ls, revoke (straight in Redis)")
+    ks.add_argument("--redis", default=DEFAULT_REDIS)
+    ks_sub = ks.add_subparsers(dest="keys_command", required=True)
+    kc = ks_sub.add_parser("create", help="a new key; printed once, alone on the last line")
+    kc.add_argument("--scope", choices=("admin", "invoke"), required=True)
+    kc.add_argument("--functions", default=None, help="invoke keys: only these functions (comma-separated)")
+    kc.add_argument("--rpm", type=int, default=None, help="requests per minute (default: settings; 0: unlimited)")
+    kc.add_argument("--tpm", type=int, default=None, help="tokens per minute (default: settings; 0: unlimited)")
+    kc.add_argument("--label", default="", help="a note for `keys ls`")
+    ks_sub.add_parser("ls", help="every key (never the secret)")
+    kr = ks_sub.add_parser("revoke", help="delete a key: refused from the next request on")
+    kr.add_argument("id")
+    ks.set_defaults(fn=cmd_keys)
 
     wk = sub.add_parser("worker", help="run one worker for one device")
     wk.add_argument("--redis", default=DEFAULT_REDIS)

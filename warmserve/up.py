@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -14,8 +15,12 @@ import time
 from pathlib import Path
 
 import httpx
+import orjson
+import redis
 
-from functions.spec import CACHE_PREFIX, SpecError, cache_dir, examples_dir, load_file
+from functions.spec import CACHE_PREFIX, SpecError, cache_dir, examples_dir, load_document
+from gateway import apikeys
+from gateway.serve import is_loopback
 from warmserve.tinymodel import build_tiny_llama
 
 log = logging.getLogger("warmserve.up")
@@ -36,18 +41,40 @@ def start_redis() -> tuple[str, object]:
 
     data = cache_dir() / "valkey"
     data.mkdir(parents=True, exist_ok=True)
-    server = ValkeyServer(data_dir=data, persist=True)
+    # append-only persistence: functions, queued invocations and answers survive a restart of the server
+    server = ValkeyServer(data_dir=data, persist=True, appendonly="yes", appendfsync="everysec")
     server.start()
     url = f"redis://127.0.0.1:{server.port}/0"
     log.info("embedded Redis-compatible server (valkey) on %s", url)
     return url, server
 
 
-def spawn(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "warmserve.cli", *args])
+def spawn(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "warmserve.cli", *args], env=env)
 
 
-def wait_ready(url: str, procs: list[subprocess.Popen], workers: int, timeout_s: float = 120.0) -> None:
+def documents(folder: Path) -> list[tuple[Path, dict]]:
+    """The folder's specs as they are sent to the gateway; a bad one is logged and left out."""
+    docs = []
+    for path in sorted(folder.glob("*.yaml")):
+        try:
+            docs.append((path, load_document(path)))
+        except SpecError as exc:
+            log.error("not deploying %s", exc)
+    return docs
+
+
+def gateway_env(docs: list[tuple[Path, dict]]) -> dict[str, str]:
+    """The gateway's environment: the model directories the operator's own files name become model roots too
+    (the cache's models dir always is one), so `up --functions DIR` serves models kept outside the cache."""
+    local = [d["model"] for _, d in docs if not d["model"].startswith(CACHE_PREFIX)]
+    roots = os.pathsep.join(filter(None, [os.environ.get("WARMSERVE_MODEL_ROOTS", ""), *local]))
+    return {**os.environ, "WARMSERVE_MODEL_ROOTS": roots}
+
+
+def wait_ready(
+    url: str, procs: list[subprocess.Popen], workers: int, headers: dict[str, str], timeout_s: float = 120.0
+) -> None:
     """Until the gateway is healthy and every worker has registered: only then can the first request be served."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -56,7 +83,7 @@ def wait_ready(url: str, procs: list[subprocess.Popen], workers: int, timeout_s:
         try:
             if (
                 httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200
-                and len(httpx.get(f"{url}/status", timeout=1.0).json()["workers"]) >= workers
+                and len(httpx.get(f"{url}/status", timeout=1.0, headers=headers).json()["workers"]) >= workers
             ):
                 return
         except (httpx.HTTPError, ValueError, KeyError):
@@ -65,19 +92,16 @@ def wait_ready(url: str, procs: list[subprocess.Popen], workers: int, timeout_s:
     raise RuntimeError(f"gateway at {url} and its {workers} worker(s) were not ready in {timeout_s:.0f} s")
 
 
-def deploy_dir(url: str, folder: Path) -> list[str]:
+def deploy(url: str, docs: list[tuple[Path, dict]], headers: dict[str, str]) -> list[str]:
     names = []
-    for path in sorted(folder.glob("*.yaml")):
-        try:
-            spec = load_file(path)
-        except SpecError as exc:
-            log.error("not deploying %s", exc)
-            continue
-        resp = httpx.post(f"{url}/functions", content=spec.to_json(), headers={"content-type": "application/json"})
+    for path, doc in docs:
+        resp = httpx.post(
+            f"{url}/functions", content=orjson.dumps(doc), headers={**headers, "content-type": "application/json"}
+        )
         if resp.status_code >= 400:
             log.error("not deploying %s: %s", path, resp.text)
             continue
-        names.append(spec.name)
+        names.append(doc["name"])
     return names
 
 
@@ -95,18 +119,39 @@ def up(args: argparse.Namespace) -> int:
         redis_url, server = start_redis()
     url = f"http://{args.host}:{args.port}"
     devs = devices(args.device)
+    require_keys = args.auth if args.auth is not None else not is_loopback(args.host)
+    headers, admin_key = {}, None
+    if require_keys:  # up itself deploys and checks status: it needs an admin key, and so does the operator
+        _, admin_key = apikeys.create(redis.Redis.from_url(redis_url), "admin", label="warmserve up")
+        headers = {"authorization": f"Bearer {admin_key}"}
+    docs = documents(folder)
     print(f"[3/4] starting gateway on {url}, {len(devs)} worker(s) on {', '.join(devs)}, and the warmer")
-    procs = [spawn("gateway", "--redis", redis_url, "--host", args.host, "--port", str(args.port))]
+    auth_flag = "--auth" if require_keys else "--no-auth"
+    procs = [
+        spawn(
+            "gateway", "--redis", redis_url, "--host", args.host, "--port", str(args.port), auth_flag,
+            env=gateway_env(docs),
+        )
+    ]  # fmt: skip
     procs += [spawn("worker", "--redis", redis_url, "--device", d) for d in devs]
     procs.append(spawn("warmer", "--redis", redis_url))
     try:
-        wait_ready(url, procs, len(devs))
-        names = deploy_dir(url, folder)
+        wait_ready(url, procs, len(devs), headers)
+        names = deploy(url, docs, headers)
         print(f"[4/4] deployed: {', '.join(names) or 'nothing'}")
         example = names[0] if names else "NAME"
+        if admin_key:
+            access = (
+                "API keys are required. An admin key was created for you (revoke it with `warmserve keys revoke`):\n"
+                f"  export WARMSERVE_API_KEY={admin_key}\n"
+            )
+            curl_auth = ' -H "authorization: Bearer $WARMSERVE_API_KEY"'
+        else:
+            access = "The gateway is OPEN: no API key is needed and every caller is an admin (--auth requires keys).\n"
+            curl_auth = ""
         print(
-            f"\nWarmServe is up at {url}  (redis: {redis_url})\ntry:\n"
-            f"  curl {url}/v1/completions -H 'content-type: application/json' "
+            f"\nWarmServe is up at {url}  (redis: {redis_url})\n{access}try:\n"
+            f"  curl {url}/v1/completions -H 'content-type: application/json'{curl_auth} "
             f'-d \'{{"model": "{example}", "prompt": "Hello", "max_tokens": 16}}\'\n'
             f"  warmserve invoke {example} 'Hello' --stream --url {url}\n  warmserve status --url {url}\n"
             "Ctrl-C stops everything.",

@@ -51,6 +51,10 @@ class Consumer:
             keys.invocations(fn): ">" for fn, state in states.items() if state.servable and inflight.get(fn, 0) < limit
         }
 
+    def defer_reclaim(self, seconds: float) -> None:
+        """Judge no worker dead for `seconds` (after a Redis outage, when every heartbeat is stale)."""
+        self.last_reclaim = max(self.last_reclaim, time.monotonic() + seconds)
+
     def consume_once(self, states: dict[str, ModelState], stopping: threading.Event) -> None:
         """One blocking read over the streams of every servable function (and, once per heartbeat, a reclaim)."""
         now = time.monotonic()

@@ -59,7 +59,9 @@ class PooledModels:
                 self.host.evict(old, to=ModelState.COLD)
             if key not in self.host.states():
                 kv_bytes = footprint(spec, self.settings.kv_seqs).kv_bytes
-                self.host.register(key, spec.model, spec.dtype, kv_bytes, {"max_model_len": spec.max_model_len})
+                # The prefix cache's salt is the serving identity: blocks never outlive the model they came from.
+                kwargs = {"max_model_len": spec.max_model_len, "prefix_salt": identity(spec)}
+                self.host.register(key, spec.model, spec.dtype, kv_bytes, kwargs)
             self.keys[spec.name] = key
         return key
 

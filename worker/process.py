@@ -7,12 +7,16 @@ Threads, and why each exists:
 - engine: steps every HOT engine that has work and streams tokens (`Streamer`);
 - heartbeat: refreshes liveness and the WorkerInfo the router, warmer and `warmserve status` read;
 - cancels: aborts requests whose client went away.
+A Redis outage stops none of them: a worker started while Redis is down waits for it, and every thread (the
+control-job loop included) retries until it is back. Then, for one heartbeat timeout, no worker judges another
+dead: all heartbeats paused with Redis, and re-claiming a live worker's requests would generate them twice.
 They share three things, each guarding itself: the `RunningTable`, `Models` (a lock per function plus a short
 lock for its dicts; the memory pool lets one model load while others serve), and the spec cache (`_specs_lock`).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import signal
@@ -170,15 +174,37 @@ class Worker:
                 body()
             except redis.RedisError as exc:
                 log.warning("%s: redis error (%s); retrying in 1 s", body.__name__, exc)
+                self.consumer.defer_reclaim(self.settings.heartbeat_timeout_s)
                 self.stopping.wait(1.0)
             except Exception:
                 log.exception("%s failed; retrying in 1 s", body.__name__)
                 self.stopping.wait(1.0)
 
     # ---- start and stop ----
+    def wait_for_redis(self) -> None:
+        """Block until Redis answers (or the process is stopping), saying so once: an operator who started the
+        worker first, or whose Redis is restarting, sees why it has not registered yet."""
+        waiting = False
+        while not self.stopping.is_set():
+            try:
+                self.r.ping()
+            except redis.RedisError as exc:
+                if not waiting:
+                    log.warning("worker %s: Redis at %s is unreachable (%s); waiting for it, retrying every 1 s",
+                                self.worker_id, self.redis_url, exc)  # fmt: skip
+                waiting = True
+                self.stopping.wait(1.0)
+                continue
+            if waiting:
+                log.warning("worker %s: Redis is reachable; registering", self.worker_id)
+            return
+
     def start(self) -> None:
         """Register and start the serving threads (not the control-job loop: see `run`)."""
         control.bind(self)
+        self.wait_for_redis()
+        if self.stopping.is_set():
+            return
         self.refresh_specs()
         self.publish_info()
         log.info("worker %s on %s registered (redis %s)", self.worker_id, self.device, self.redis_url)
@@ -194,8 +220,11 @@ class Worker:
         self.stopping.set()
         for t in self.threads:
             t.join(timeout=5)
-        self.r.zrem(keys.WORKERS, self.worker_id)
-        self.r.delete(keys.worker(self.worker_id))
+        try:
+            self.r.zrem(keys.WORKERS, self.worker_id)
+            self.r.delete(keys.worker(self.worker_id))
+        except redis.RedisError as exc:  # Redis is down: the entry ages out like a dead worker's
+            log.warning("worker %s: could not deregister (%s)", self.worker_id, exc)
         log.info("worker %s stopped", self.worker_id)
 
     def run(self) -> None:
@@ -203,22 +232,40 @@ class Worker:
 
         The signal handlers go in before anything registers, so a signal at any moment stops the process: idle, it
         leaves at once; during a control job, after the job (a second signal is RQ's cold shutdown)."""
-        queue = Queue(keys.control_queue(self.worker_id), connection=self.r)
-        rq_worker = control.ControlWorker(
-            [queue], connection=self.r, name=f"{self.worker_id}-ctl-{os.getpid()}", stopping=self.stopping
-        )
+        current: list[control.ControlWorker] = []  # RQ's worker of the moment, for the signal handler
 
         def on_signal(signum: int, frame: object) -> None:
             self.stopping.set()
-            rq_worker.request_stop(signum, frame)  # raises StopRequested unless a job is running
+            if current:
+                current[0].request_stop(signum, frame)  # raises StopRequested unless a job is running
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         try:
             self.start()
-            if not self.stopping.is_set():
-                rq_worker.work(logging_level="WARNING")
+            self.control_loop(current)
         except StopRequested:
             pass
         finally:
             self.stop()
+
+    def control_loop(self, current: list[control.ControlWorker]) -> None:
+        """RQ's control-job loop until the process stops. RQ cannot create its worker while Redis is down and ends
+        its loop (quietly) on a Redis error, so a fresh one takes over each time Redis is back."""
+        for attempt in itertools.count():
+            self.wait_for_redis()
+            if self.stopping.is_set():
+                return
+            try:
+                current[:] = [self.control_worker(attempt)]
+                current[0].work(logging_level="WARNING")
+            except redis.RedisError as exc:
+                log.warning("control jobs: redis error (%s); restarting their loop", exc)
+            self.stopping.wait(1.0)
+
+    def control_worker(self, attempt: int) -> control.ControlWorker:
+        """RQ's worker for this process's control queue; a fresh name per attempt, since RQ refuses to register a
+        name whose previous registration (cut short by an outage) was never cleaned up."""
+        queue = Queue(keys.control_queue(self.worker_id), connection=self.r, serializer=keys.CONTROL_SERIALIZER)
+        name = f"{self.worker_id}-ctl-{os.getpid()}-{attempt}"
+        return control.ControlWorker([queue], connection=self.r, name=name, stopping=self.stopping)

@@ -28,6 +28,7 @@ class Running:
     started: float = field(default_factory=time.time)
     outbox: list[Event] = field(default_factory=list)  # events not yet written to Redis
     finished: bool = False
+    answered: bool = False  # the whole answer is on its stream: acknowledge (again, if Redis failed the last try)
 
 
 class RunningTable:

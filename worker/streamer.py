@@ -22,7 +22,7 @@ from protocol import keys
 from protocol.errors import NotDeployed, RequestError
 from protocol.messages import Done, Failed, FinishReason, Invocation, Start, Token, encode_event
 from protocol.settings import Settings
-from worker.models import Models
+from worker.models import Models, ServingEngine
 from worker.running import Counters, Running, RunningTable
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ class Streamer:
         self.counters = counters
         self.spec = spec
         self.work = threading.Event()  # set when a request starts, so an idle engine loop wakes at once
+        self.prefix_seen: dict[str, tuple[int, int, int]] = {}  # function -> (id of its engine, hit, query) counted
 
     # ---- starting ----
     def start(self, stream: str, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
@@ -82,7 +83,8 @@ class Streamer:
             return
         run = Running(inv, entry_id)
         if not self.running.add(run):
-            return  # already generating it (claimed twice)
+            self.drop_duplicate(stream, entry_id, inv.request_id)
+            return
         spec = self.spec(inv.function)
         if spec is None:
             self.fail(run, failure(inv.function, NotDeployed(f"function '{inv.function}' is not deployed")))
@@ -101,6 +103,14 @@ class Streamer:
         self.write(run, [Start(self.worker_id, len(inv.prompt_ids))], finished=False)
         self.work.set()
 
+    def drop_duplicate(self, stream: str, entry_id: bytes, request_id: str) -> None:
+        """Already generating this request: the same entry claimed twice (keep it), or a second entry a gateway
+        submitted because the first was lost in a Redis restart (drop it: the running copy answers)."""
+        first = self.running.get(request_id)
+        if first is not None and first.entry_id != entry_id:
+            log.info("%s is already running here; dropping its re-submitted entry %s", request_id, entry_id)
+            self.drop_entry(stream, entry_id)
+
     # ---- generating ----
     def step_once(self) -> None:
         """Step every HOT engine that has work once (round robin over models), then publish their tokens."""
@@ -117,11 +127,26 @@ class Streamer:
                     log.exception("engine step failed for %s", fn)
                     self.fail_function(fn, Failed(500, f"function '{fn}': engine failure: {exc}"))
                     continue
+                self.count_prefix_cache(fn, engine)
             self.collect(outs)
         self.flush()
         if not busy:
             self.work.wait(0.01 if self.running.all() else 0.05)
             self.work.clear()
+
+    def count_prefix_cache(self, function: str, engine: ServingEngine) -> None:
+        """Add the prompt tokens this engine found in its prefix cache (and looked up) since the last step to the
+        worker's counters (engines without a prefix cache report nothing)."""
+        if not hasattr(engine, "prefix_cache_tokens"):
+            return
+        hit, query = engine.prefix_cache_tokens()
+        seen_engine, seen_hit, seen_query = self.prefix_seen.get(function, (0, 0, 0))
+        if seen_engine != id(engine):  # a new engine for this function counts from zero
+            seen_hit = seen_query = 0
+        if query > seen_query:
+            self.counters.add("prefix_cache_hit_tokens", hit - seen_hit)
+            self.counters.add("prefix_cache_query_tokens", query - seen_query)
+        self.prefix_seen[function] = (id(engine), hit, query)
 
     def collect(self, outs: list) -> None:
         """Turn engine outputs into events in each request's outbox (positions advance here, once)."""
@@ -154,32 +179,41 @@ class Streamer:
                 run.finished = True
 
     def flush(self) -> None:
-        """Write every outbox in one round trip; only then are finished invocations acknowledged."""
+        """Write every outbox in one round trip; only then are finished invocations acknowledged. When Redis
+        fails, outboxes are written again (the gateway skips positions it has) and acks are retried here."""
         runs = [run for run in self.running.all() if run.outbox]
-        if not runs:
-            return
-        ttl = self.settings.response_ttl_s
-        with self.r.pipeline(transaction=False) as p:
+        if runs:
+            ttl = self.settings.response_ttl_s
+            with self.r.pipeline(transaction=False) as p:
+                for run in runs:
+                    for ev in run.outbox:
+                        p.xadd(keys.response(run.inv.request_id), encode_event(ev))
+                    if run.finished:
+                        p.expire(keys.response(run.inv.request_id), ttl)
+                p.execute()
             for run in runs:
-                for ev in run.outbox:
-                    p.xadd(keys.response(run.inv.request_id), encode_event(ev))
-                if run.finished:
-                    p.expire(keys.response(run.inv.request_id), ttl)
-            p.execute()
-        for run in runs:
-            run.outbox.clear()
-            if run.finished:
+                run.outbox.clear()
+                run.answered = run.finished
+        for run in self.running.all():
+            if run.answered:
                 self.ack(run)
 
     # ---- ending ----
     def write(self, run: Running, events: list, finished: bool) -> None:
-        """Write events for one request now (outside the engine loop's batching)."""
-        with self.r.pipeline(transaction=False) as p:
-            for ev in events:
-                p.xadd(keys.response(run.inv.request_id), encode_event(ev))
-            p.expire(keys.response(run.inv.request_id), self.settings.response_ttl_s)
-            p.execute()
+        """Write events for one request now (outside the engine loop's batching). A final answer Redis refused
+        waits in the outbox for the engine loop's next flush (a finished run's outbox is no one else's)."""
+        try:
+            with self.r.pipeline(transaction=False) as p:
+                for ev in events:
+                    p.xadd(keys.response(run.inv.request_id), encode_event(ev))
+                p.expire(keys.response(run.inv.request_id), self.settings.response_ttl_s)
+                p.execute()
+        except redis.RedisError:
+            if finished:
+                run.outbox.extend(events)
+            raise
         if finished:
+            run.answered = True
             self.ack(run)
 
     def ack(self, run: Running) -> None:
@@ -216,7 +250,7 @@ class Streamer:
         if run is None:
             return
         self.abort_in_engine(run)
-        run.finished = True
+        run.finished = run.answered = True  # nobody reads the answer: nothing more to write
         self.counters.add("cancelled")
         log.info("cancelled %s (client disconnected)", request_id)
         self.ack(run)

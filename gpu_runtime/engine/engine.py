@@ -27,14 +27,12 @@ from gpu_runtime.engine.sequence import (
     StepOutput,
     validate_prompt,
 )
+from gpu_runtime.weights import SERVING_DTYPES as DTYPES
 from gpu_runtime.weights import WeightLayout, load_weights, plan_weights
-from modelinfo.config import DTYPE_BYTES, ModelConfig, load_model_config
+from modelinfo.config import ModelConfig, load_model_config
 from protocol.messages import FinishReason
 
 log = logging.getLogger(__name__)
-
-# The serving dtypes (modelinfo.DTYPE_BYTES names them) as torch dtypes.
-DTYPES = {name: getattr(torch, name) for name in DTYPE_BYTES}
 
 # Default KV size on CPU (tests, CI): plenty for small models, bounded for big ones.
 CPU_KV_BYTES = 512 * 1024 * 1024
@@ -81,6 +79,8 @@ class Engine:
         max_num_batched_tokens: int = 8192,
         max_model_len: int | None = None,
         enforce_eager: bool = False,
+        prefix_caching: bool = True,
+        prefix_salt: str = "",
     ) -> None:
         self.device = _device(device)
         self.dtype = _dtype(dtype)
@@ -102,8 +102,10 @@ class Engine:
         )
         c = self.config
         self.kv_block_bytes = 2 * c.num_hidden_layers * block_size * c.num_key_value_heads * c.head_dim
-        self.kv_block_bytes *= weights.new_empty((), dtype=self.dtype).element_size()
-        self.blocks = BlockManager(0, block_size)
+        self.kv_block_bytes *= weights.new_empty((), dtype=layout.activation_dtype).element_size()
+        # The prefix cache's salt: the model and dtype, plus the caller's serving identity (the worker's key).
+        salt = f"{self.model_dir}:{self.dtype}:{prefix_salt}" if prefix_caching else None
+        self.blocks = BlockManager(0, block_size, salt)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, self._grow)
         self.kv_pressure_hook: Callable[[int], int] | None = None
         self._kv_buffer: torch.Tensor | None = None
@@ -206,6 +208,10 @@ class Engine:
         if buffer is not None and self._kv_owned:
             self.allocator.release(buffer)
         self._kv_owned = False
+
+    def prefix_cache_tokens(self) -> tuple[int, int]:
+        """(prompt tokens served from the prefix cache, prompt tokens looked up), each request counted once."""
+        return self.blocks.hit_tokens, self.blocks.query_tokens
 
     def set_kv_limit(self, blocks: int) -> bool:
         """Use only block ids < ``blocks``; False if a block at or above it is in use (nothing changes)."""

@@ -1,8 +1,10 @@
 """The Llama-family forward pass over weight views (no nn.Module, no copies).
 
 Every weight is a view of the model's single weight buffer (see ``gpu_runtime.weights``); q/k/v and gate/up
-are fused views, so a layer is five matmuls. Numerics follow transformers (RMSNorm in float32, rotary tables in
-float32 cast to the activation dtype) so CPU float32 output is token-identical to it.
+are fused views, so a layer is five matmuls. Under "fp8" a projection is an ``Fp8Weight`` (the float8 view and
+its per-channel scales, fused alike) and ``ops.linear`` picks the FP8 path. Numerics follow transformers
+(RMSNorm in float32, rotary tables in float32 cast to the activation dtype) so CPU float32 output is
+token-identical to it.
 """
 
 from __future__ import annotations
@@ -15,21 +17,24 @@ import torch.nn.functional as F
 
 from gpu_runtime.engine.attention import AttnMeta, decode_attention, prefill_attention
 from gpu_runtime.engine.ops import add_rms_norm, linear, qkv_rope_store, silu_and_mul
+from gpu_runtime.fp8 import FP8, Fp8Weight
 from gpu_runtime.weights import WeightLayout
 from modelinfo.config import ModelConfig
+
+Projection = torch.Tensor | Fp8Weight
 
 
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor
-    qkv: torch.Tensor
+    qkv: Projection
     qkv_bias: torch.Tensor | None
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
-    o: torch.Tensor
+    o: Projection
     post_norm: torch.Tensor
-    gate_up: torch.Tensor
-    down: torch.Tensor
+    gate_up: Projection
+    down: Projection
 
 
 def inv_frequencies(cfg: ModelConfig) -> torch.Tensor:
@@ -53,6 +58,14 @@ class LlamaModel:
     def __init__(self, cfg: ModelConfig, layout: WeightLayout, weights: torch.Tensor) -> None:
         self.cfg = cfg
         w = lambda name: layout.view(weights, name)  # noqa: E731
+
+        def proj(names: list[str]) -> Projection:
+            weight = layout.fused(weights, names)
+            if weight.dtype != FP8:
+                return weight
+            scale = layout.fused(weights, [n + "_scale" for n in names])
+            return Fp8Weight(weight, scale, cfg.activation_scale_ub)
+
         self.embed = w("model.embed_tokens.weight")
         self.norm = w("model.norm.weight")
         self.lm_head = self.embed if cfg.tie_word_embeddings else w("lm_head.weight")
@@ -63,22 +76,22 @@ class LlamaModel:
             self.layers.append(
                 LayerWeights(
                     input_norm=w(p + "input_layernorm.weight"),
-                    qkv=layout.fused(weights, [a + f"{x}_proj.weight" for x in "qkv"]),
+                    qkv=proj([a + f"{x}_proj.weight" for x in "qkv"]),
                     qkv_bias=layout.fused(weights, [a + f"{x}_proj.bias" for x in "qkv"])
                     if cfg.attention_bias
                     else None,
                     q_norm=w(a + "q_norm.weight") if cfg.qk_norm else None,
                     k_norm=w(a + "k_norm.weight") if cfg.qk_norm else None,
-                    o=w(a + "o_proj.weight"),
+                    o=proj([a + "o_proj.weight"]),
                     post_norm=w(p + "post_attention_layernorm.weight"),
-                    gate_up=layout.fused(weights, [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]),
-                    down=w(p + "mlp.down_proj.weight"),
+                    gate_up=proj([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]),
+                    down=proj([p + "mlp.down_proj.weight"]),
                 )
             )
         freqs = torch.outer(torch.arange(cfg.max_position_embeddings).float(), inv_frequencies(cfg))
         emb = torch.cat((freqs, freqs), dim=-1).to(weights.device)
-        self.cos = emb.cos().to(layout.dtype)
-        self.sin = emb.sin().to(layout.dtype)
+        self.cos = emb.cos().to(layout.activation_dtype)
+        self.sin = emb.sin().to(layout.activation_dtype)
 
     def forward(
         self,

@@ -8,6 +8,7 @@ rounds its result), so CUDA results stay close to transformers'.
 The projections at one row (batch-1 decode) are a Triton GEMV: cuBLAS's batch-1 GEMM leaves bandwidth unused on
 the 8-120 MB matrices of 1B-8B models (measured in a CUDA graph on the H200, weights rotated past L2, cuBLAS vs
 this kernel: 6.2 vs 4.4 us for 2048x2048, 13.6 vs 10.7 us for 2048x8192, 31.6 vs 28.6 us for 4096x14336).
+The same GEMV reads FP8 weights and applies their per-row scale (gpu_runtime/fp8.py has the other FP8 paths).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from gpu_runtime.engine.attention import AttnMeta, store_kv
+from gpu_runtime.fp8 import Fp8Weight, fp8_linear
 
 try:
     import triton
@@ -112,18 +114,21 @@ def _gemv_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return _fused(x) and x.shape[0] == 1 and weight.stride(1) == 1
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear; a Triton GEMV for one contiguous row on CUDA."""
-    if not _gemv_ok(x, weight) or not x.is_contiguous():
-        return F.linear(x, weight, bias)
-    n, k = weight.shape
+def linear(x: torch.Tensor, weight: torch.Tensor | Fp8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear (or the FP8 linear); a Triton GEMV for one contiguous row on CUDA."""
+    fp8 = isinstance(weight, Fp8Weight)
+    w = weight.weight if fp8 else weight
+    if not _gemv_ok(x, w) or not x.is_contiguous():
+        return fp8_linear(x, weight, bias) if fp8 else F.linear(x, weight, bias)
+    n, k = w.shape
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     # One row per program and 2048-wide K tiles: the best single choice over the Llama 1B/8B projections in a
-    # sweep of rows (1-8), tile width (512-2048), warps and pipelining stages.
-    block_k = min(2048, triton.next_power_of_2(k))
+    # sweep of rows (1-8), tile width (512-2048), warps and pipelining stages. FP8 rows take 4096-wide tiles:
+    # the same bytes per load (not swept).
+    block_k = min(4096 if fp8 else 2048, triton.next_power_of_2(k))
     _gemv_kernel[(n,)](
-        x, weight, bias if bias is not None else x, out, weight.stride(0),
-        K=k, BLOCK_K=block_k, HAS_BIAS=bias is not None, num_warps=4, num_stages=1,
+        x, w, bias if bias is not None else x, weight.scale if fp8 else x, out, w.stride(0),
+        K=k, BLOCK_K=block_k, HAS_BIAS=bias is not None, HAS_SCALE=fp8, num_warps=4, num_stages=1,
     )  # fmt: skip
     return out
 
@@ -131,7 +136,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 if triton is not None:
 
     @triton.jit
-    def _gemv_kernel(X, W, B, OUT, stride_w, K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    def _gemv_kernel(X, W, B, S, OUT, stride_w, K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     HAS_SCALE: tl.constexpr):  # fmt: skip
         row = tl.program_id(0)
         w_row = W + row.to(tl.int64) * stride_w
         kk = tl.arange(0, BLOCK_K)
@@ -146,6 +152,8 @@ if triton is not None:
                     tl.float32
                 )
         y = tl.sum(acc, 0)
+        if HAS_SCALE:  # an FP8 row: its per-channel scale
+            y *= tl.load(S + row)
         if HAS_BIAS:
             y += tl.load(B + row).to(tl.float32)
         tl.store(OUT + row, y.to(OUT.dtype.element_ty))

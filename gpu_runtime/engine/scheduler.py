@@ -1,9 +1,11 @@
 """Continuous batching: each step is either a prefill batch (new prompts, in chunks of at most
 ``max_num_batched_tokens``) or a decode batch (one token for every running sequence).
 
-Prefill goes first, so new requests join the running batch at the next step. When KV blocks run short the
-scheduler first asks for more (``grow``: the engine's KV pressure hook) and otherwise preempts the most recently
-admitted sequence: its blocks are freed and it is recomputed later from its tokens, so no token changes.
+Prefill goes first, so new requests join the running batch at the next step. A sequence starting on no blocks
+(new, or preempted) first takes the cached blocks of its longest known prefix and prefills only the rest.
+When KV blocks run short the scheduler first asks for more (``grow``: the engine's KV pressure hook) and
+otherwise preempts the most recently admitted sequence: its blocks are freed and it is recomputed later from its
+tokens (its full blocks stay cached, so mostly found again), so no token changes.
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         while self.waiting and budget > 0 and len(self.running) + len(chunks) < self.max_num_seqs:
             seq = self.waiting[0]
+            self.blocks.match(seq)
             end = min(len(seq), seq.num_cached + budget)
             if not self._reserve(self.blocks.blocks_needed(seq, end)):
                 # Prefill what fits in the blocks we have; the rest waits for blocks to come free.
@@ -147,6 +150,7 @@ class Scheduler:
         for chunk in batch.chunks:
             seq = chunk.seq
             seq.num_cached = chunk.end
+            self.blocks.commit(seq)
             if not chunk.samples:
                 partial.append(seq)
                 continue

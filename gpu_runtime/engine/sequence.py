@@ -67,6 +67,9 @@ class Sequence:
         self.params = params
         self.block_table: list[int] = []
         self.num_cached = 0
+        self.block_hashes: list[bytes] = []  # prefix-cache chain hash of each full block of token_ids
+        self.num_committed = 0  # leading blocks already offered to the prefix cache
+        self.prefix_counted = False  # this request's prompt was counted in the hit-rate figures
         self.num_returned = 0  # generated tokens already handed out by step()
         self.status = Status.WAITING
         self.finish_reason: FinishReason | None = None

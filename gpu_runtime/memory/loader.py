@@ -5,7 +5,8 @@ belongs in the model's weight image (no intermediate buffer, no safetensors pars
 ``plan_weights`` read). As soon as every byte of a chunk is in, the calling thread issues that chunk's
 host->device copy on a copy stream, while readers go on with later chunks; the caller maps the device slots
 before starting, which takes well under a millisecond per GiB with 64 MiB chunks. Tensors whose file dtype
-differs from the target dtype are read whole, converted with torch, then placed.
+differs from the target dtype are read whole, converted with torch, then placed (a bf16 projection served as
+"fp8" is quantized here, and its scale slot written with it).
 """
 
 from __future__ import annotations
@@ -18,11 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from gpu_runtime.weights import SAFETENSORS_DTYPES, Slot, WeightLayout
+from gpu_runtime.weights import Slot, WeightLayout
 from modelinfo.config import ModelFileError
 
 PIECE_BYTES = 16 << 20  # one pread: big enough to stream, small enough to spread a 1 GiB tensor over threads
-_DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
 @dataclass
@@ -31,7 +31,8 @@ class _Piece:
     file_offset: int
     length: int  # bytes in the file
     dst: int  # offset in the weight image
-    convert: Slot | None = None  # set when the file dtype differs from the target dtype
+    convert: Slot | None = None  # set when the file bytes are not the buffer bytes (WeightLayout.convert)
+    scale: Slot | None = None  # the computed scale slot a quantizing conversion also writes
 
 
 @dataclass
@@ -46,11 +47,14 @@ class LoadStats:
 
 def _pieces(layout: WeightLayout, chunk_bytes: int) -> list[_Piece]:
     """Read work in buffer order; a same-dtype piece never crosses a chunk boundary."""
-    target = _DTYPE_NAMES[layout.dtype]
     out: list[_Piece] = []
+    computed = {s.name: s for s in layout.slots if not s.src_dtype}
     for s in layout.slots:
-        if s.src_dtype != target:
-            out.append(_Piece(s.file, s.file_offset, s.src_nbytes, s.offset, convert=s))
+        if not s.src_dtype:
+            continue  # a computed scale: its weight's conversion writes it
+        if layout.needs_conversion(s):
+            scale = computed.get(s.name + "_scale")
+            out.append(_Piece(s.file, s.file_offset, s.src_nbytes, s.offset, convert=s, scale=scale))
             continue
         done = 0
         while done < s.nbytes:
@@ -79,9 +83,9 @@ class _Image:
         self.chunk_bytes = chunk_bytes
         self.missing = [0] * len(host_chunks)
         for p in pieces:
-            n = p.convert.nbytes if p.convert else p.length
-            for i, a, b in self._spans(p.dst, n):
-                self.missing[i] += b - a
+            for dst, n in _ranges(p):
+                for i, a, b in self._spans(dst, n):
+                    self.missing[i] += b - a
         self._lock = threading.Lock()
 
     def _spans(self, dst: int, n: int):
@@ -101,7 +105,14 @@ class _Image:
                     ready.put(i)
 
 
-def _read_piece(p: _Piece, fds: dict[str, int], image: _Image, dtype: torch.dtype, ready: queue.Queue) -> None:
+def _ranges(p: _Piece) -> list[tuple[int, int]]:
+    """(buffer offset, bytes) a piece fills: its bytes, or the slots its conversion writes."""
+    if p.convert is None:
+        return [(p.dst, p.length)]
+    return [(s.offset, s.nbytes) for s in (p.convert, p.scale) if s is not None]
+
+
+def _read_piece(p: _Piece, fds: dict[str, int], image: _Image, layout: WeightLayout, ready: queue.Queue) -> None:
     if p.convert is None:
         i, a = divmod(p.dst, image.chunk_bytes)
         _pread_exact(fds[p.file], p.file, p.file_offset, image.chunks[i][a : a + p.length])
@@ -109,13 +120,13 @@ def _read_piece(p: _Piece, fds: dict[str, int], image: _Image, dtype: torch.dtyp
         return
     raw = bytearray(p.length)
     _pread_exact(fds[p.file], p.file, p.file_offset, raw)
-    data = torch.frombuffer(raw, dtype=SAFETENSORS_DTYPES[p.convert.src_dtype]).to(dtype).view(torch.uint8)
-    flat = data.numpy()
-    done = 0
-    for i, a, b in image._spans(p.dst, len(flat)):
-        image.chunks[i][a:b] = flat[done : done + b - a]
-        done += b - a
-    image.written(p.dst, len(flat), ready)
+    for slot, data in layout.convert(p.convert, raw):
+        flat = data.numpy()
+        done = 0
+        for i, a, b in image._spans(slot.offset, len(flat)):
+            image.chunks[i][a:b] = flat[done : done + b - a]
+            done += b - a
+        image.written(slot.offset, len(flat), ready)
 
 
 def load(
@@ -162,7 +173,7 @@ def load(
                     except queue.Empty:
                         return
                     try:
-                        _read_piece(p, fds, image, layout.dtype, ready)
+                        _read_piece(p, fds, image, layout, ready)
                     except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
                         ready.put(e)
                         return

@@ -1,0 +1,112 @@
+"""One gateway process holds hundreds of streams on a handful of Redis connections, and re-submits a request whose
+invocation vanished from Redis. Answers come from a fake worker (bench/fake_worker.py) that writes answer events
+straight to Redis, so the gateway is what is under test."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+import threading
+
+import httpx
+import orjson
+import pytest
+import redis
+from conftest import ROOT, start_stack, wait_for
+
+from protocol import keys
+from protocol.settings import DEFAULTS
+
+sys.path.insert(0, str(ROOT))  # bench/ is not an installed package
+from bench.fake_worker import FakeWorker, token_text  # noqa: E402
+
+FAN, LOST = "fan", "lost"
+STREAMS = 300  # before one reader per gateway, 118 of 300 got 500 "Too many connections"
+TOKENS = 8
+
+
+@contextlib.contextmanager
+def environ(**values: str):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def gateway(redis_url, tiny_model, tmp_path_factory):
+    url = redis_url.rsplit("/", 1)[0] + "/6"
+    redis.Redis.from_url(url).flushdb()
+    with environ(WARMSERVE_REROUTE_AFTER_S="0.5"):  # the lost-invocation check runs after this much silence
+        stack = start_stack(url, tmp_path_factory.mktemp("fanout-logs"), workers=0)
+    for name in (FAN, LOST):
+        spec = {"name": name, "model": str(tiny_model), "max_model_len": 128, "scaling": {"max_queue": 4096}}
+        assert httpx.post(f"{stack.url}/functions", json=spec).status_code == 201
+    worker = FakeWorker(url, [FAN, LOST], serving={FAN})  # LOST is read once its test has lost an entry
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    yield stack, worker, redis.Redis.from_url(url)
+    stop.set()
+    thread.join(10)
+    stack.stop()
+
+
+async def stream_one(client: httpx.AsyncClient, url: str) -> str:
+    body = {"model": FAN, "prompt": [1, 2, 3], "max_tokens": TOKENS, "stream": True}
+    text, dones = [], 0
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
+        assert resp.status_code == 200, await resp.aread()
+        async for line in resp.aiter_lines():
+            if line == "data: [DONE]":
+                dones += 1
+            elif line.startswith("data: "):
+                chunk = orjson.loads(line[6:])
+                assert "error" not in chunk, chunk
+                text.append(chunk["choices"][0]["text"])
+    assert dones == 1
+    return "".join(text)
+
+
+def test_hundreds_of_concurrent_streams_on_one_gateway(gateway):
+    stack, worker, r = gateway
+    worker.hold = STREAMS  # every request is accepted and waiting before the first answer event
+
+    async def all_streams() -> list[str | BaseException]:
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
+        async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+            streams = (stream_one(client, stack.url) for _ in range(STREAMS))
+            return await asyncio.gather(*streams, return_exceptions=True)
+
+    results = asyncio.run(all_streams())
+    expected = "".join(token_text(i) for i in range(TOKENS))
+    assert [x for x in results if x != expected] == []
+    # bounded by the gateway's pool for short commands (and this test's own), not by the waiting requests
+    assert int(r.info("clients")["connected_clients"]) <= DEFAULTS.redis_connections + 8 < STREAMS
+
+
+def test_an_invocation_lost_from_redis_is_submitted_again(gateway):
+    stack, worker, r = gateway
+    result = {}
+    body = {"model": LOST, "prompt": [1, 2, 3], "max_tokens": TOKENS}
+    client = threading.Thread(
+        target=lambda: result.update(httpx.post(f"{stack.url}/v1/completions", json=body, timeout=60).json())
+    )
+    client.start()
+    stream = keys.invocations(LOST)
+    wait_for(lambda: r.xlen(stream) == 1, 20, "the invocation in its stream")
+    (first_id, _), *_ = r.xrange(stream)
+    r.xdel(stream, first_id)  # as if Redis had restarted without having persisted it
+    wait_for(lambda: r.xlen(stream) == 1, 20, "the gateway to submit it again")
+    worker.serving.add(LOST)
+    client.join(60)
+    assert result["choices"][0]["text"] == "".join(token_text(i) for i in range(TOKENS))
+    assert list(worker.answered.values()).count(1) == len(worker.answered)  # each request answered once

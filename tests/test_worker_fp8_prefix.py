@@ -1,0 +1,31 @@
+"""Through the platform: a function deployed with ``dtype: fp8`` serves from the worker's pool, and a repeated
+prompt prefix is a prefix-cache hit the worker reports in its counters (and the gateway's /metrics renders)."""
+
+from __future__ import annotations
+
+from conftest import wait_for
+from test_worker_inprocess import FN, answer, deploy, invoke, r, worker  # noqa: F401 - fixtures
+
+from gateway.metrics import Metrics
+from protocol import keys
+from protocol.messages import Done, Token, WorkerInfo
+from protocol.states import ControlAction, ModelState
+
+
+def counters(r) -> dict[str, int]:  # noqa: F811 - r is the fixture's value
+    return WorkerInfo.from_json(r.hget(keys.worker("wa"), "info")).counters
+
+
+def test_fp8_function_serves_and_a_repeated_prefix_is_a_cache_hit(r, worker, tiny_model):  # noqa: F811
+    deploy(r, tiny_model, dtype="fp8")
+    assert worker.apply_control(ControlAction.PREWARM, FN) == ModelState.WARM
+    prompt = list(range(3, 43))  # 40 tokens: two full KV blocks of 16 to share
+    first = answer(r, invoke(r, prompt, ignore_eos=True))
+    second = answer(r, invoke(r, prompt, ignore_eos=True))
+    assert first[-1] == Done("length", 8) and second[-1] == first[-1]
+    tokens = [[e.id for e in events if isinstance(e, Token)] for events in (first, second)]
+    assert tokens[0] == tokens[1]
+    wait_for(lambda: counters(r).get("prefix_cache_query_tokens") == 80, 10, "a heartbeat with the hit counts")
+    assert counters(r)["prefix_cache_hit_tokens"] == 32
+    text = Metrics().render({}, 1, {"wa": counters(r)})
+    assert 'warmserve_prefix_cache_hit_tokens_total{worker="wa"} 32' in text.splitlines()

@@ -14,9 +14,14 @@ import httpx
 import orjson
 import pytest
 import redis
+import redis.asyncio as aredis
 from conftest import ROOT, start_stack, wait_for
 
+from functions.spec import FunctionSpec
+from invoker.fanout import AnswerReader
+from invoker.submit import Accepted, InvokerClient
 from protocol import keys
+from protocol.messages import Done, FinishReason, Invocation, SamplingParams, Start, Token, encode_event
 from protocol.settings import DEFAULTS
 
 sys.path.insert(0, str(ROOT))  # bench/ is not an installed package
@@ -110,3 +115,25 @@ def test_an_invocation_lost_from_redis_is_submitted_again(gateway):
     client.join(60)
     assert result["choices"][0]["text"] == "".join(token_text(i) for i in range(TOKENS))
     assert list(worker.answered.values()).count(1) == len(worker.answered)  # each request answered once
+
+
+def test_an_answer_missing_positions_is_run_again_to_fill_them(gateway):
+    """Answer events lost in a Redis restart (position 1 here): the gateway submits the request again and takes
+    the missing positions from the re-run, so the client still gets each position once."""
+    stack, worker, r = gateway
+    worker.serving.add(LOST)
+    url = stack.redis_url
+    spec = FunctionSpec.from_json(r.hget(keys.FUNCTIONS, LOST))
+    inv = Invocation("gap-1", LOST, (1, 2, 3), SamplingParams(max_tokens=3, seed=1))
+    broken = [Start("gone", 3), Token(0, 0, token_text(0)), Token(2, 2, token_text(2)), Done(FinishReason.LENGTH, 3)]
+    for ev in broken:
+        r.xadd(keys.response(inv.request_id), encode_event(ev))
+
+    async def read() -> list:
+        ar = aredis.Redis.from_url(url)
+        client = InvokerClient(ar, redis.Redis.from_url(url), DEFAULTS, AnswerReader(aredis.Redis.from_url(url), ar))
+        return [ev async for ev in client.events(spec, inv.request_id, 30, accepted=Accepted(inv, b"0-1"))]
+
+    got = asyncio.run(read())
+    assert "".join(ev.text for ev in got if isinstance(ev, Token)) == "".join(token_text(i) for i in range(3))
+    assert isinstance(got[-1], Done) and worker.answered[inv.request_id] == 1

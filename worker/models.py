@@ -60,7 +60,11 @@ class PooledModels:
             if key not in self.host.states():
                 kv_bytes = footprint(spec, self.settings.kv_seqs).kv_bytes
                 # The prefix cache's salt is the serving identity: blocks never outlive the model they came from.
-                kwargs = {"max_model_len": spec.max_model_len, "prefix_salt": identity(spec)}
+                kwargs = {
+                    "max_model_len": spec.max_model_len,
+                    "prefix_salt": identity(spec),
+                    "max_num_seqs": self.settings.engine_max_num_seqs,
+                }
                 self.host.register(key, spec.model, spec.dtype, kv_bytes, kwargs)
             self.keys[spec.name] = key
         return key

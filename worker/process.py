@@ -86,9 +86,14 @@ class Worker:
         spec = self.spec(function)
         if spec is None:
             raise ValueError(f"function '{function}' is not deployed")
+        down = action in (ControlAction.DEACTIVATE, ControlAction.EVICT)
+        if down:  # requests finishing right now (their last events being written) get a moment to leave
+            deadline = time.monotonic() + self.settings.drain_wait_s
+            while self.running.of(function) and time.monotonic() < deadline and not self.stopping.is_set():
+                self.stopping.wait(0.01)
         with self.models.lock(function):
             busy = len(self.running.of(function))
-            if action in (ControlAction.DEACTIVATE, ControlAction.EVICT) and busy:
+            if down and busy:
                 raise RuntimeError(f"'{function}' has {busy} running requests; not moving it")
             state = self.models.apply(action, spec)
         if state.servable:  # let the next cold request route at once instead of waiting out the lock

@@ -222,20 +222,28 @@ class Gateway:
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    @staticmethod
+    def model_card(spec: FunctionSpec) -> dict:
+        return {
+            "id": spec.name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "warmserve",
+            "max_model_len": spec.max_model_len,
+        }
+
     async def models(self, request: Request) -> Response:
         caller = auth.principal(request)
         specs = {n: s for n, s in (await asyncio.to_thread(self.registry.all)).items() if caller.allows(n)}
-        data = [
-            {
-                "id": s.name,
-                "object": "model",
-                "created": 0,
-                "owned_by": "warmserve",
-                "max_model_len": s.max_model_len,
-            }
-            for s in specs.values()
-        ]
-        return json_response({"object": "list", "data": data})
+        return json_response({"object": "list", "data": [self.model_card(s) for s in specs.values()]})
+
+    async def model(self, request: Request) -> Response:
+        """GET /v1/models/{id}: one function as an OpenAI model object, or 404."""
+        try:
+            spec = await self.spec(request.path_params["name"], auth.principal(request))
+        except ApiError as err:
+            return err.response()
+        return json_response(self.model_card(spec))
 
     # ---- function CRUD ----
     def parse_deploy(self, raw: bytes, fmt: str) -> FunctionSpec:
@@ -328,12 +336,14 @@ class Gateway:
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/models/{name}", self.model, methods=["GET"]),
             Route("/functions", self.list_functions, methods=["GET"]),
             Route("/functions", self.deploy, methods=["POST"]),
             Route("/functions/{name}", self.get_function, methods=["GET"]),
             Route("/functions/{name}", self.deploy, methods=["PUT"]),
             Route("/functions/{name}", self.delete_function, methods=["DELETE"]),
             Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/health", self.healthz, methods=["GET"]),  # what guidellm and other clients probe
             Route("/metrics", self.metrics_endpoint, methods=["GET"]),
             Route("/status", self.status, methods=["GET"]),
         ]

@@ -1,4 +1,4 @@
-"""Who may call what: one ASGI middleware checks the API key of every request but /healthz.
+"""Who may call what: one ASGI middleware checks the API key of every request but /healthz (and /health).
 
 A plain ASGI middleware, not Starlette's BaseHTTPMiddleware: that one buffers and re-wraps streaming responses,
 and the answers here are long server-sent-event streams. The middleware authenticates, checks the route against
@@ -24,7 +24,7 @@ from protocol.settings import Settings
 
 log = logging.getLogger(__name__)
 
-OPEN_PATHS = frozenset({"/healthz"})  # liveness probes carry no key
+OPEN_PATHS = frozenset({"/healthz", "/health"})  # liveness probes carry no key
 INVOKE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models"})  # all else needs admin
 # Absolute host paths in an error message (not our own API routes): shown to admins only.
 HOST_PATH = re.compile(r"(?<![\w/.~-])/(?!v1/)[^\s'\"]*[^\s'\".,:;)\]]")
@@ -95,7 +95,8 @@ class AuthMiddleware:
             key = await apikeys.lookup(self.r, token)
             if key is None:
                 raise unauthorized("invalid or revoked API key")
-            if scope["path"] not in INVOKE_PATHS and not key.admin:
+            invoke_path = scope["path"] in INVOKE_PATHS or scope["path"].startswith("/v1/models/")
+            if not invoke_path and not key.admin:
                 raise ApiError(403, "this API key's scope (invoke) allows only /v1/ inference and model listing")
             await ratelimit.charge(self.r, key.id, "requests", 1, limit(key.rpm, self.settings.rate_rpm))
         except ratelimit.Limited as exc:

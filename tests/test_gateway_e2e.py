@@ -300,3 +300,10 @@ def test_default_values_of_unsupported_fields_are_accepted(client):
         model=FN, prompt="hi", max_tokens=2, temperature=0, logprobs=None, echo=False, presence_penalty=0, user="u1"
     )
     assert out.usage.completion_tokens == 2
+
+
+def test_health_alias_and_one_model(deployed, client):
+    assert httpx.get(f"{deployed.url}/health").json()["status"] == "ok"
+    assert client.models.retrieve(FN).id == FN
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-function")

@@ -9,9 +9,9 @@ a streaming completion and measures the first-chunk time at the client, so every
 
 Then throughput: output tokens/s through the platform with N concurrent streaming clients, against the engine
 alone on the same weights, prompts and batch limit (measured after the stack has stopped and released the GPU).
-The worker is given room for them: WARMSERVE_KV_SEQS and WARMSERVE_MAX_INFLIGHT_PER_FUNCTION are set so the KV a
-HOT model reserves and the per-function in-flight limit cover the largest concurrency, which is how an operator
-configures a function for such a load.
+The worker is given room for them: WARMSERVE_KV_SEQS, WARMSERVE_MAX_INFLIGHT_PER_FUNCTION and
+WARMSERVE_ENGINE_MAX_NUM_SEQS are set so the KV a HOT model reserves, the per-function in-flight limit and the
+engine's batch cover the largest concurrency, which is how an operator configures a worker for such a load.
 """
 
 from __future__ import annotations
@@ -159,6 +159,7 @@ def main() -> None:
     room = {  # KV and in-flight room for the largest concurrency (see the module docstring)
         "WARMSERVE_KV_SEQS": str(max(8, -(-max(levels, default=0) * per_request // 2048))),
         "WARMSERVE_MAX_INFLIGHT_PER_FUNCTION": str(max(64, max(levels, default=0))),
+        "WARMSERVE_ENGINE_MAX_NUM_SEQS": str(max(64, max(levels, default=0))),
     }
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WARMSERVE_MODEL_ROOTS": str(work), **room}
     procs = [

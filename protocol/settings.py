@@ -25,7 +25,7 @@ class Settings:
     read_batch: int = 16  # invocations taken per XREADGROUP
     kv_seqs: int = 8  # KV a HOT model reserves: this many sequences at its max_model_len
     drain_wait_s: float = 2.0  # a deactivate/evict waits this long for the model's running requests to finish
-    engine_max_num_seqs: int = 256  # sequences one engine batches at once (CUDA graphs are captured up to 256)
+    engine_max_num_seqs: int = 64  # sequences one engine batches at once (CUDA graphs are captured up to 256)
     # ---- the gateway and the router ----
     request_timeout_s: float = 300.0  # a request with no answer by then gets 504
     max_body_bytes: int = 4 << 20  # request bodies over this get 413 (counted while reading, never read whole)

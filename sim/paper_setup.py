@@ -25,7 +25,7 @@ from protocol.settings import DEFAULTS, Settings
 from sim import traces
 from sim.engine_model import DEFAULT_PROFILE, load_profile
 from sim.report import markdown_table, measured, plot_timeline, plot_ttft_cdf, ttfts
-from sim.scenario import POLICIES, Scenario, make_functions, recent_peak_rps, run_policy
+from sim.scenario import POLICIES, Scenario, assemble, run_policy
 
 log = logging.getLogger("sim")
 DAY = 86_400
@@ -72,12 +72,7 @@ def build(total_rps: float, seed: int = 0, duration_s: float = 3600.0, profile_p
     else:
         raise ValueError(f"unknown envelope {envelope!r}; choose flat or servegen")
     tr = traces.make_traffic(bases, fn_base, total_rps * share, env, env_w, seed)
-    wl = traces.arrivals(bases, tr, tuple(names), start_s, duration_s, seed + 1)
-    hist = traces.window_counts(bases, tr, start_s, settings.window_s, seed + 2)
-    peak = recent_peak_rps(hist, settings.window_s)
-    fns = make_functions(profile, models, names, wl, keep_alive_s=60.0, peak_rps=peak)
-    warmup = min(120.0, duration_s / 10)  # short runs still measure most of their requests
-    return Scenario(profile, fns, wl, n_nodes, gpus_per_node, hist, warmup_s=warmup, settings=settings)
+    return assemble(profile, models, names, bases, tr, start_s, duration_s, seed, n_nodes, gpus_per_node, settings)
 
 
 def sweep(rates: list[float], seed: int, duration_s: float, policies=POLICIES, out_dir: Path | None = None) -> dict:

@@ -411,9 +411,7 @@ class WarmServe(Policy):
                 gpus.append(GPU(g - node * sim.gpn, int(sim.cap), int(free), int(lend)))
             ready = {sim.fns[f].name for f, t in sim.host[node].items() if t <= now}
             coming = {sim.fns[f].name for f, t in sim.host[node].items() if t > now}
-            workers.append(
-                Worker(f"node{node}", tuple(gpus), frozenset(ready), frozenset(coming))
-            )
+            workers.append(Worker(f"node{node}", tuple(gpus), frozenset(ready), frozenset(coming)))
         insts = []
         for x in sim.insts.values():
             name = sim.fns[x.f].name

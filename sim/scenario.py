@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from protocol.settings import DEFAULTS, Settings
-from sim import policies, sizing
+from sim import policies, sizing, traces
 from sim.cluster import Sim, SimFunction
 from sim.engine_model import EngineModel, Profile
 from sim.models import MODELS
 from sim.report import summarize
 from sim.traces import Workload
+
+# A workload transformation applied before functions are sized (e.g. long-context request sizes)
+Resize = Callable[[Workload], Workload]
 
 log = logging.getLogger("sim")
 
@@ -41,6 +45,31 @@ class Scenario:
     def mean_rps(self) -> np.ndarray:
         """The true mean rate of each function over the run (oracle input of static / always-warm)."""
         return np.bincount(self.workload.fn, minlength=len(self.functions)) / self.workload.duration_s
+
+
+def assemble(
+    profile: Profile,
+    models: list[str],
+    names: list[str],
+    bases: list[traces.Requests],
+    traffic: list[traces.Traffic],
+    start_s: float,
+    duration_s: float,
+    seed: int,
+    n_nodes: int,
+    gpus_per_node: int,
+    settings: Settings = DEFAULTS,
+    resize: Resize | None = None,
+) -> Scenario:
+    """Arrivals of `traffic` over the run, the forecaster's history before it, and functions sized from both."""
+    wl = traces.arrivals(bases, traffic, tuple(names), start_s, duration_s, seed + 1)
+    if resize is not None:
+        wl = resize(wl)
+    hist = traces.window_counts(bases, traffic, start_s, settings.window_s, seed + 2)
+    peak = recent_peak_rps(hist, settings.window_s)
+    fns = make_functions(profile, models, names, wl, keep_alive_s=60.0, peak_rps=peak)
+    warmup = min(120.0, duration_s / 10)  # short runs still measure most of their requests
+    return Scenario(profile, fns, wl, n_nodes, gpus_per_node, hist, warmup_s=warmup, settings=settings)
 
 
 def make_functions(

@@ -152,3 +152,35 @@ def test_an_exact_forecast_still_gets_the_burst_margin():
     acts = plan(v, {"a": Prediction(8.0, 8.0)}, 0.0)
     assert sum(a.kind == "prewarm" for a in acts) == 2  # 8 req/s x 1.5 at 8 per instance
     assert sum(a.kind == "prewarm" for a in plan(v, {"a": Prediction(8.0, 8.0)}, 0.0, Options(burst_margin=0))) == 1
+
+
+def test_speculative_disk_reads_do_not_queue_behind_a_busy_disk():
+    # The worker's disk already reads two functions' weights: a forecast-only copy needing a disk read waits for
+    # a later plan; a function with requests waiting and no copy (starved) still gets its read.
+    busy = Worker("w0", gpus(2), frozenset(), frozenset({"x", "y"}))
+    v = view([busy], [spec("a")])
+    assert plan(v, {"a": Prediction(1.0, 2.0)}, 0.0) == []
+    starved = view([busy], [spec("a")], load={"a": Load(arrivals_rps=1.0, queued=3)})
+    assert [a.kind for a in plan(starved, {}, 0.0)] == ["load_host", "prewarm"]
+    assert [a.kind for a in plan(v, {"a": Prediction(1.0, 2.0)}, 0.0, Options(max_disk_reads=3))] == [
+        "load_host",
+        "prewarm",
+    ]
+
+
+def test_requests_waiting_may_take_an_idle_copy_of_a_more_forecast_function():
+    # A copy and its pool fill a GPU. "top" (forecast busier) serves on GPU 2 and has a second, idle copy on GPU 0
+    # for its forecast peak; "low" has one busy copy on GPU 1. Once low's requests queue, its extra copy may take
+    # top's idle one: requests waiting now come before a forecast's spare copy.
+    inst = [
+        Instance("top", "w0", (0,), ModelState.HOT, 0, 0),
+        Instance("low", "w0", (1,), ModelState.HOT, 0, 0, inflight=4),
+        Instance("top", "w0", (2,), ModelState.HOT, 0, 0, inflight=1),
+    ]
+    specs = [spec("top", kv=60), spec("low", kv=60)]
+    v = view([worker("w0", 3, free=[2, 2, 2], cached=("top", "low"))], specs, inst)
+    preds = {"top": Prediction(2.0, 8.0), "low": Prediction(1.0, 1.0)}
+    assert plan(v, preds, 0.0) == []  # no queue: the forecast decides
+    queued = replace(v, load={"low": Load(arrivals_rps=1.0, inflight=4, queued=5)})
+    acts = [(a.kind, a.function, a.gpus) for a in plan(queued, preds, 0.0)]
+    assert acts == [("deactivate", "top", (0,)), ("evict", "top", (0,)), ("prewarm", "low", (0,))]

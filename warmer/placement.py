@@ -14,8 +14,10 @@
      pages) counts only as far as the lender's own forecast leaves it idle;
    - don't co-locate functions likely to burst together (both forecast well above their mean);
    - prefer GPUs whose residents have little forecast compute demand, and lenders with low forecast demand;
-   - prefer workers that hold the weights in host memory (PCIe copy, not a disk read);
-   - if nothing fits, evict idle WARM copies of functions with less forecast demand.
+   - prefer workers that hold the weights in host memory (PCIe copy, not a disk read), and start no disk read
+     on a worker already reading `Options.max_disk_reads` (unless requests wait for this function and no copy);
+   - if nothing fits, evict idle copies of functions with less forecast demand or, when this function's
+     requests queue, of functions with none queueing.
 `Options.first_fit` drops every cost (the first group where a copy fits wins): the ablation that shows what the
 costs earn. Every step updates a working copy of the view, so later functions see earlier decisions and planning
 again on the view with the actions applied (`warmer.cluster.apply_actions`) yields nothing new.
@@ -44,6 +46,9 @@ class Options:
     # copies cover the forecast peak plus this share, so a burst finds a WARM copy to activate, not a load.
     burst_margin: float = 0.5
     first_fit: bool = False  # ablation: no costs, the first group where a copy fits
+    # Disk -> host reads in flight per worker a prewarm may add to (a starved function's always may): reads queue
+    # on one disk, so speculative ones for rarely used functions would delay the reads waiting requests need.
+    max_disk_reads: int = 2
 
 
 DEFAULT_OPTIONS = Options()
@@ -58,6 +63,7 @@ class _Demand:
     # requests wait and no copy serves or is coming: planned first, and may evict any idle copy of a function
     # that is not starved itself (a forecast must never keep a function with live requests waiting for ever)
     starved: bool = False
+    waiting: bool = False  # requests queue: its copies are wanted now, not for a forecast
 
     @property
     def rank(self) -> float:
@@ -76,7 +82,7 @@ def plan(
     for name in order:
         spec, d = view.functions[name], demand[name]
         step = _scale(view, spec, d, demand, now)
-        step += _prewarm(apply_actions(view, step, now), spec, d, demand, now, options.first_fit)
+        step += _prewarm(apply_actions(view, step, now), spec, d, demand, now, options)
         view = apply_actions(view, step, now)
         actions += step
     return actions
@@ -95,7 +101,7 @@ def _demand(view: ClusterView, spec: FunctionSpec, pred: Prediction | None, marg
     hot = min(max(hot, 0), spec.max_instances)
     resident = min(max(resident, hot, spec.min_instances), spec.max_instances)
     starved = load.queued > 0 and not _of(view, spec.name, ModelState.HOT, ModelState.LOADING)
-    return _Demand(hot, resident, max(mean, now_rps) / cap, max(peak - mean, 0.0) / cap, starved)
+    return _Demand(hot, resident, max(mean, now_rps) / cap, max(peak - mean, 0.0) / cap, starved, load.queued > 0)
 
 
 def _of(view: ClusterView, name: str, *states: ModelState) -> list[Instance]:
@@ -153,7 +159,7 @@ def _reactive(view: ClusterView, spec: FunctionSpec, hot: list[Instance]) -> int
 
 
 def _prewarm(
-    view: ClusterView, spec: FunctionSpec, d: _Demand, demand: dict[str, _Demand], now: float, first_fit: bool
+    view: ClusterView, spec: FunctionSpec, d: _Demand, demand: dict[str, _Demand], now: float, options: Options
 ) -> list[Action]:
     # A WARM copy whose KV pool cannot fit where it is will not serve: it does not count.
     resident = [
@@ -169,7 +175,7 @@ def _prewarm(
     out: list[Action] = []
     total = len(_of(view, spec.name, ModelState.HOT, ModelState.WARM, ModelState.LOADING))
     for _ in range(min(want - len(resident), spec.max_instances - total)):
-        best = _best_group(view, spec, demand, first_fit)
+        best = _best_group(view, spec, demand, options)
         if best is None:
             break
         steps = best
@@ -179,7 +185,10 @@ def _prewarm(
 
 
 def _best_group(
-    view: ClusterView, spec: FunctionSpec, demand: dict[str, _Demand], first_fit: bool = False
+    view: ClusterView,
+    spec: FunctionSpec,
+    demand: dict[str, _Demand],
+    options: Options = DEFAULT_OPTIONS,
 ) -> list[Action] | None:
     """Cheapest [evict..., load_host?, prewarm] that puts one more copy of `spec` on some GPU group."""
     mine = demand[spec.name]
@@ -187,6 +196,9 @@ def _best_group(
     share = mine.util / (len(_of(view, spec.name, ModelState.HOT, ModelState.WARM, ModelState.LOADING)) + 1)
     best: tuple[float, list[Action]] | None = None
     for w in view.workers:
+        disk_busy = len(w.host_loading) >= options.max_disk_reads and not mine.starved
+        if spec.name not in w.host_cached | w.host_loading and disk_busy:
+            continue
         for gpus in _groups(w, spec.tp):
             if any(x.function == spec.name and x.worker == w.name and set(x.gpus) & set(gpus) for x in view.instances):
                 continue
@@ -212,7 +224,7 @@ def _best_group(
                 if spec.name not in w.host_loading:
                     steps.append(Action(ControlAction.LOAD_HOST, spec.name, w.name))
             steps.append(Action(ControlAction.PREWARM, spec.name, w.name, gpus))
-            if first_fit:
+            if options.first_fit:
                 return steps
             if best is None or cost < best[0]:
                 best = (cost, steps)
@@ -230,14 +242,20 @@ def _residents(view: ClusterView, worker: str, gpus: tuple[int, ...]) -> list[In
 
 
 def _fit(
-    view: ClusterView, w: Worker, gpus: tuple[int, ...], spec: FunctionSpec, demand: dict[str, _Demand]
+    view: ClusterView,
+    w: Worker,
+    gpus: tuple[int, ...],
+    spec: FunctionSpec,
+    demand: dict[str, _Demand],
 ) -> tuple[float, list[Instance]] | None:
     """(cost, copies to evict) to fit one shard of `spec` on each of `gpus`, and its KV pool once activated, or
     None if it cannot fit. Victims are idle copies (WARM, or HOT with nothing running) of functions with less
-    forecast demand, least demand first: a HOT victim gives back its weights and its pool."""
+    forecast demand, or, when requests of `spec` wait, of functions with none waiting (a forecast must not keep
+    a busy function queueing behind idle copies: with long contexts, a GPU per copy, it otherwise does); least
+    demand first. A HOT victim gives back its weights and its pool."""
     by_index = {g.index: g for g in w.gpus}
     need = spec.shard_bytes + spec.kv_bytes
-    mine = demand[spec.name].rank
+    mine, waiting = demand[spec.name].rank, demand[spec.name].waiting
     cost, evict = 0.0, []
     for gi in gpus:
         g = by_index[gi]
@@ -248,7 +266,13 @@ def _fit(
         free = g.free_bytes + sum(_freed(view, x) for x in evict if x in here)
         warm = sum(view.functions[x.function].shard_bytes for x in here if x.state is ModelState.WARM)
         victims = sorted(
-            (x for x in here if _idle(x) and demand[x.function].rank < mine and x not in evict),
+            (
+                x
+                for x in here
+                if _idle(x)
+                and (demand[x.function].rank < mine or waiting and not demand[x.function].waiting)
+                and x not in evict
+            ),
             key=lambda x: (x.state is ModelState.HOT, demand[x.function].util, x.last_used),
         )
         for x in victims:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 import redis
 
@@ -38,6 +39,32 @@ def wait_for(check, timeout_s: float = 30.0, what: str = "condition") -> None:
             pass
         time.sleep(0.1)
     raise TimeoutError(f"timed out waiting for {what}")
+
+
+@dataclass
+class SseAnswer:
+    """A streamed completion as a client reads it, one `data:` line at a time."""
+
+    parts: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    dones: int = 0
+
+    def feed(self, line: str) -> bool:
+        """Take one SSE line; True when it carried a completion chunk. An error chunk fails the test."""
+        if line == "data: [DONE]":
+            self.dones += 1
+        elif line.startswith("data: "):
+            chunk = orjson.loads(line[6:])
+            assert "error" not in chunk, chunk
+            choice = chunk["choices"][0]
+            self.parts.append(choice["text"])
+            self.reasons += [choice["finish_reason"]] if choice["finish_reason"] else []
+            return True
+        return False
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
 
 
 @pytest.fixture(scope="session")

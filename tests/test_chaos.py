@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import orjson
 import redis
-from conftest import free_port, start_stack, wait_for
+from conftest import SseAnswer, free_port, start_stack, wait_for
 
 from protocol import keys
 
@@ -85,22 +85,16 @@ def complete(url: str, prompt: str, stream: bool) -> tuple[str, list, int]:
             assert resp.status_code == 200, resp.text
             choice = resp.json()["choices"][0]
             return choice["text"], [choice["finish_reason"]], 0
-        text, reasons, dones = [], [], 0
+        answer = SseAnswer()
         with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=60) as resp:
             if resp.status_code == 503:
                 raise Refused(f"503 {orjson.loads(resp.read())['error']['code']}")
             assert resp.status_code == 200, resp.read()
             for line in resp.iter_lines():
-                if line == "data: [DONE]":
-                    dones += 1
-                elif line.startswith("data: "):
-                    chunk = orjson.loads(line[6:])
-                    assert "error" not in chunk, chunk
-                    text.append(chunk["choices"][0]["text"])
-                    reasons += [r for r in [chunk["choices"][0]["finish_reason"]] if r]
-        if dones == 0:
+                answer.feed(line)
+        if answer.dones == 0:
             raise Refused("stream cut")  # the gateway died mid-answer: the client has no answer
-        return "".join(text), reasons, dones
+        return answer.text, answer.reasons, answer.dones
     except httpx.TransportError as exc:
         raise Refused(type(exc).__name__) from None
 

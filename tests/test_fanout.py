@@ -11,11 +11,10 @@ import sys
 import threading
 
 import httpx
-import orjson
 import pytest
 import redis
 import redis.asyncio as aredis
-from conftest import ROOT, start_stack, wait_for
+from conftest import ROOT, SseAnswer, start_stack, wait_for
 
 from functions.spec import FunctionSpec
 from invoker.fanout import AnswerReader
@@ -67,18 +66,13 @@ def gateway(redis_url, tiny_model, tmp_path_factory):
 
 async def stream_one(client: httpx.AsyncClient, url: str) -> str:
     body = {"model": FAN, "prompt": [1, 2, 3], "max_tokens": TOKENS, "stream": True}
-    text, dones = [], 0
+    answer = SseAnswer()
     async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
         assert resp.status_code == 200, await resp.aread()
         async for line in resp.aiter_lines():
-            if line == "data: [DONE]":
-                dones += 1
-            elif line.startswith("data: "):
-                chunk = orjson.loads(line[6:])
-                assert "error" not in chunk, chunk
-                text.append(chunk["choices"][0]["text"])
-    assert dones == 1
-    return "".join(text)
+            answer.feed(line)
+    assert answer.dones == 1
+    return answer.text
 
 
 def test_hundreds_of_concurrent_streams_on_one_gateway(gateway):

@@ -7,10 +7,9 @@ import signal
 import threading
 
 import httpx
-import orjson
 import pytest
 import redis
-from conftest import start_stack, wait_for
+from conftest import SseAnswer, start_stack, wait_for
 
 from protocol import keys
 
@@ -63,21 +62,15 @@ def check_redelivered(stack, r, killed: str) -> None:
 
 def stream_text(url: str, body: dict, after_chunks=None) -> tuple[str, list[str], int]:
     """Stream a completion; call `after_chunks()` once three chunks have arrived. Returns text, reasons, [DONE]s."""
-    text, reasons, chunks, dones = [], [], 0, 0
+    answer, chunks = SseAnswer(), 0
     with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=120) as resp:
         assert resp.status_code == 200, resp.read()
         for line in resp.iter_lines():
-            if line == "data: [DONE]":
-                dones += 1
-            elif line.startswith("data: "):
-                chunk = orjson.loads(line[6:])
-                assert "error" not in chunk, chunk
-                text.append(chunk["choices"][0]["text"])
-                reasons += [chunk["choices"][0]["finish_reason"]] if chunk["choices"][0]["finish_reason"] else []
-                chunks += 1
-                if chunks == 3 and after_chunks is not None:
-                    after_chunks()
-    return "".join(text), reasons, dones
+            chunks += answer.feed(line)
+            if chunks == 3 and after_chunks is not None:
+                after_chunks()
+                after_chunks = None
+    return answer.text, answer.reasons, answer.dones
 
 
 def test_sigkilled_worker_streamed_answer_is_redelivered_once(two_workers):

@@ -87,7 +87,7 @@ class Footprint:
 
 def footprint(spec: FunctionSpec, kv_seqs: int) -> Footprint:
     """Size a function from its model's config (ModelFileError if the files went bad since it was deployed)."""
-    cfg = load_model_config(spec.model)
+    cfg = load_model_config(spec.model, builtin=spec.engine == "builtin")
     per_token = cfg.kv_bytes_per_token(spec.dtype)
     return Footprint(cfg.weight_bytes(spec.dtype), per_token * spec.max_model_len * kv_seqs)
 

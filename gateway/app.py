@@ -32,7 +32,7 @@ from gateway.openai_api import Parsed, chunk_body, completion_body, parse_chat, 
 from gpu_runtime.tokenizer import Tokenizer
 from invoker.fanout import AnswerReader
 from invoker.registry import Registry
-from invoker.submit import Answer, InvokerClient, NoWorkers, QueueFull, live_workers
+from invoker.submit import Answer, InvokerClient, NoWorkers, QueueFull, TooLarge, live_workers
 from protocol import keys
 from protocol.messages import Done, Failed, Invocation, Restart, Token
 from protocol.settings import Settings
@@ -132,6 +132,8 @@ class Gateway:
                 raise ApiError(429, str(exc), code="queue_full", retry_after=exc.retry_after_s) from None
             except NoWorkers as exc:
                 raise ApiError(503, str(exc), code="no_workers", retry_after=5) from None
+            except TooLarge as exc:
+                raise ApiError(400, str(exc), param=exc.param, code="request_too_large") from None
             events = self.invoker.events(
                 spec, rid, self.settings.request_timeout_s, restartable=not parsed.stream, accepted=accepted
             )

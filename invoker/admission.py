@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from functions.spec import FunctionSpec, footprint
+from modelinfo import ModelFileError
 from protocol.messages import WorkerInfo
 
 GB = 1e9
@@ -28,7 +29,12 @@ def check(spec: FunctionSpec, prompt_tokens: int, max_tokens: int, workers: list
     if not workers:
         return None
     memory = max(w.total_bytes for w in workers)
-    size = footprint(spec, kv_seqs=1)  # one sequence of max_model_len: the KV of one token times max_model_len
+    try:
+        size = footprint(spec, kv_seqs=1)  # one sequence of max_model_len: the KV of one token times max_model_len
+    except ModelFileError:
+        return None  # files broken since the deploy: the worker answers with a 5xx that names the cause
+    if spec.engine != "builtin":
+        return None  # the reference engine lives outside the memory pool: the workers' sizes say nothing of it
     per_token = size.kv_bytes / spec.max_model_len
     tokens = prompt_tokens + max_tokens
     need = size.weight_bytes + tokens * per_token

@@ -23,7 +23,7 @@ import redis.asyncio as aredis
 from rq import Queue
 
 from functions.spec import FunctionSpec
-from invoker import history
+from invoker import admission, history
 from invoker.fanout import AnswerReader
 from protocol import keys
 from protocol.messages import Done, Event, Failed, Invocation, Restart, Start, Token, WorkerInfo, decode_event
@@ -39,6 +39,14 @@ class QueueFull(Exception):
     def __init__(self, function: str, depth: int, limit: int, retry_after_s: int) -> None:
         self.retry_after_s = retry_after_s
         super().__init__(f"function '{function}' has {depth} queued invocations (limit {limit})")
+
+
+class TooLarge(Exception):
+    """The request can never fit any live worker: refused before it is queued, where it would block its function."""
+
+    def __init__(self, refusal: admission.Refusal) -> None:
+        self.param = refusal.param
+        super().__init__(refusal.message)
 
 
 class NoWorkers(Exception):
@@ -81,14 +89,19 @@ class InvokerClient:
         return int(await self.r.xlen(keys.invocations(function)))
 
     async def submit(self, inv: Invocation, spec: FunctionSpec) -> Accepted:
-        """Accept an invocation or raise QueueFull / NoWorkers (or a RedisError: not accepted); once this returns,
-        the request is durable."""
+        """Accept an invocation or raise QueueFull / NoWorkers / TooLarge (or a RedisError: not accepted); once
+        this returns, the request is durable."""
         depth = await self.queue_depth(spec.name)
         if depth >= spec.scaling.max_queue:
             raise QueueFull(spec.name, depth, spec.scaling.max_queue, retry_after_s=max(1, depth // 50))
         workers = await live_workers(self.r, self.settings)
         if not workers:
             raise NoWorkers("no live worker is registered; start one with `warmserve worker`")
+        refusal = await asyncio.to_thread(
+            admission.check, spec, len(inv.prompt_ids), inv.sampling.max_tokens, workers
+        )  # reads the model's config.json: off the event loop
+        if refusal is not None:
+            raise TooLarge(refusal)
         async with self.r.pipeline(transaction=False) as p:
             p.xadd(keys.invocations(spec.name), inv.to_fields())
             history.record_arrival(p, spec.name, inv.created, self.settings.history_bucket_s)

@@ -34,3 +34,34 @@ def test_an_unfittable_request_is_refused_naming_function_tokens_and_memory(spec
     assert "15.00 GB" in no.message and "13.48 GB of weights" in no.message
     prompt_alone = check(spec, 4000, 1, [worker(15)])
     assert prompt_alone is not None and prompt_alone.param == "prompt"
+
+
+def test_the_gateway_refuses_an_unfittable_request_before_queueing_it(r, tiny_model):
+    """Through InvokerClient.submit against a real Redis: 400-worthy refusal, nothing queued, nothing blocked."""
+    import asyncio
+    import time
+
+    import redis.asyncio as aredis
+
+    from functions.spec import parse_spec
+    from invoker.registry import Registry
+    from invoker.submit import InvokerClient, TooLarge
+    from protocol import keys
+    from protocol.messages import Invocation, SamplingParams
+    from protocol.settings import Settings
+
+    spec = parse_spec({"name": "small", "model": str(tiny_model), "max_model_len": 1024})
+    Registry(r).deploy(spec)
+    now = time.time()
+    tiny_gpu = WorkerInfo("w", "h", "cpu", 64 * 1024, 0, 0, {}, {}, {}, now, now)  # 64 KiB: less than the weights
+    r.zadd(keys.WORKERS, {"w": now})
+    r.hset(keys.worker("w"), "info", tiny_gpu.to_json())
+    url = f"redis://{r.connection_pool.connection_kwargs['host']}:{r.connection_pool.connection_kwargs['port']}/0"
+
+    async def submit() -> None:
+        client = InvokerClient(aredis.Redis.from_url(url), r, Settings(), None)
+        await client.submit(Invocation("cmpl-1", "small", (1, 2, 3), SamplingParams(max_tokens=8)), spec)
+
+    with pytest.raises(TooLarge, match="function 'small'.*can never run"):
+        asyncio.run(submit())
+    assert r.xlen(keys.invocations("small")) == 0

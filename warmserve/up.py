@@ -167,10 +167,12 @@ def up(args: argparse.Namespace) -> int:
     finally:
         for p in procs:
             p.terminate()
+        deadline = time.monotonic() + 10  # one grace period for all of them together, then the stragglers die
         for p in procs:
             try:
-                p.wait(timeout=10)
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
         if server is not None:
             server.stop()

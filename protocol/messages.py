@@ -30,7 +30,16 @@ class SamplingParams:
     """How to pick tokens for one request. ``temperature=0`` is greedy; ``top_k<=0`` and ``top_p=1`` disable
     those filters; ``seed`` makes sampling reproducible per request (the gateway always sets one); ``stop``
     strings are matched by the worker on detokenized text; ``ignore_eos`` keeps going past eos (vLLM's
-    extension, for benchmarks on random weights)."""
+    extension, for benchmarks on random weights).
+
+    ``n`` sequences are generated from one prompt (its KV is computed once and shared); the gateway returns the
+    ``n`` a client asked for, or with ``best_of`` the best of them by cumulative log-probability. ``logprobs``
+    (None: off; k >= 0) reports each generated token's log-probability and its ``k`` most likely alternatives;
+    ``prompt_logprobs`` the same for every prompt token (``echo``). Penalties follow OpenAI (presence, frequency:
+    additive on tokens already generated) and vLLM (repetition: divides positive logits of tokens in the prompt or
+    output, multiplies negative ones). ``logit_bias`` pairs (token id, bias) are added to the logits;
+    ``min_tokens`` keeps eos and stop tokens out until that many tokens exist. ``structured`` is a JSON grammar
+    request the output must follow (its format: ``gpu_runtime.engine.grammar``)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -40,10 +49,30 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    n: int = 1
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    structured: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids or ()))
         object.__setattr__(self, "stop", tuple(self.stop or ()))
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in self.logit_bias or ()))
+        if self.n < 1:
+            raise ValueError(f"SamplingParams.n must be >= 1, got {self.n}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"SamplingParams.{name} must be None or >= 0, got {value}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"SamplingParams.repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.min_tokens < 0:
+            raise ValueError(f"SamplingParams.min_tokens must be >= 0, got {self.min_tokens}")
         if self.max_tokens < 1:
             raise ValueError(f"SamplingParams.max_tokens must be >= 1, got {self.max_tokens}")
         if self.temperature < 0:
@@ -79,28 +108,43 @@ class Invocation:
 
 
 # ---- the answer stream ----
+# One log-probability report: the chosen token's log-probability and the (token id, log-probability) pairs of the
+# most likely alternatives, best first.
+TopLogprobs = tuple[tuple[int, float], ...]
+
+
 @dataclass(frozen=True)
 class Start:
-    """A worker began generating (again, after a re-delivery)."""
+    """A worker began generating (again, after a re-delivery). With ``prompt_logprobs`` requested, one
+    (logprob, alternatives) pair per prompt token; the first token's logprob is None (nothing precedes it)."""
 
     worker: str
     prompt_tokens: int
+    prompt_logprobs: tuple[tuple[float | None, TopLogprobs], ...] | None = None
 
 
 @dataclass(frozen=True)
 class Token:
-    """One generated token and the text it completes. `id` is -1 for text held back until the end (the tail
-    that could have grown into a stop string)."""
+    """One generated token of sequence `index` (0..n-1) and the text it completes. `id` is -1 for text held back
+    until the end (the tail that could have grown into a stop string). Positions count per index."""
 
     pos: int
     id: int
     text: str
+    index: int = 0
+    logprob: float | None = None
+    top_logprobs: TopLogprobs = ()
 
 
 @dataclass(frozen=True)
 class Done:
+    """Sequence `index` finished; the answer is complete once every one of the request's n sequences has its
+    Done (or at the first Failed)."""
+
     finish_reason: FinishReason
     completion_tokens: int
+    index: int = 0
+    cumulative_logprob: float | None = None
 
 
 @dataclass(frozen=True)
@@ -135,7 +179,15 @@ def decode_event(fields: dict[bytes, bytes]) -> Event:
     kind = _EVENT_TYPES[raw.pop("type")]
     if kind is Done:
         raw["finish_reason"] = FinishReason(raw["finish_reason"])
+    elif kind is Token and raw.get("top_logprobs"):
+        raw["top_logprobs"] = _pairs(raw["top_logprobs"])
+    elif kind is Start and raw.get("prompt_logprobs") is not None:
+        raw["prompt_logprobs"] = tuple((lp, _pairs(top)) for lp, top in raw["prompt_logprobs"])
     return kind(**raw)
+
+
+def _pairs(rows: list) -> TopLogprobs:
+    return tuple((int(t), float(lp)) for t, lp in rows)
 
 
 @dataclass

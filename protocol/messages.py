@@ -1,9 +1,10 @@
 """Messages that cross process boundaries through Redis, each defined once.
 
 An `Invocation` travels gateway -> worker as one entry of the function's stream. Its answer travels worker ->
-gateway as typed events on a per-request stream: `Start`, then `Token`s (each with its position), then `Done`
-or `Failed`. Positions let a client that reads an answer re-executed after a worker died see each position once
-(the gateway fixes a sampling seed per request, so a re-execution regenerates the same tokens).
+gateway as typed events on a per-request stream (several to an entry): `Start`, then `Token`s (each with its
+position), then `Done` or `Failed`. Positions let a client that reads an answer re-executed after a worker died
+see each position once (the gateway fixes a sampling seed per request, so a re-execution regenerates the same
+tokens).
 `SamplingParams` is the one sampling type from the gateway, through Redis, into the engine.
 """
 
@@ -169,13 +170,19 @@ _EVENT_TYPES: dict[str, type] = {"start": Start, "token": Token, "done": Done, "
 _EVENT_NAMES = {cls: name for name, cls in _EVENT_TYPES.items()}
 
 
-def encode_event(ev: Event) -> dict[str, bytes]:
-    """One response-stream entry: {'ev': json with a 'type' of start / token / done / error}."""
-    return {"ev": orjson.dumps({"type": _EVENT_NAMES[type(ev)], **asdict(ev)})}
+def encode_events(events: list[Event]) -> dict[str, bytes]:
+    """One response-stream entry carrying `events` in order: {'evs': a json list of objects, each with a 'type'
+    of start / token / done / error}. A worker writes everything a request produced since its last flush as one
+    entry, so a busy engine costs one XADD and one gateway dispatch per request per flush, not per token."""
+    return {"evs": orjson.dumps([{"type": _EVENT_NAMES[type(ev)], **asdict(ev)} for ev in events])}
 
 
-def decode_event(fields: dict[bytes, bytes]) -> Event:
-    raw = orjson.loads(fields[b"ev"])
+def decode_events(fields: dict[bytes, bytes]) -> list[Event]:
+    """The events of one response-stream entry; KeyError / ValueError / TypeError when it is malformed."""
+    return [_decode(raw) for raw in orjson.loads(fields[b"evs"])]
+
+
+def _decode(raw: dict) -> Event:
     kind = _EVENT_TYPES[raw.pop("type")]
     if kind is Done:
         raw["finish_reason"] = FinishReason(raw["finish_reason"])

@@ -20,7 +20,7 @@ from functions.spec import FunctionSpec
 from invoker.fanout import AnswerReader
 from invoker.submit import Accepted, InvokerClient
 from protocol import keys
-from protocol.messages import Done, FinishReason, Invocation, SamplingParams, Start, Token, encode_event
+from protocol.messages import Done, FinishReason, Invocation, SamplingParams, Start, Token, encode_events
 from protocol.settings import DEFAULTS
 
 sys.path.insert(0, str(ROOT))  # bench/ is not an installed package
@@ -121,7 +121,7 @@ def test_an_answer_missing_positions_is_run_again_to_fill_them(gateway):
     inv = Invocation("gap-1", LOST, (1, 2, 3), SamplingParams(max_tokens=3, seed=1))
     broken = [Start("gone", 3), Token(0, 0, token_text(0)), Token(2, 2, token_text(2)), Done(FinishReason.LENGTH, 3)]
     for ev in broken:
-        r.xadd(keys.response(inv.request_id), encode_event(ev))
+        r.xadd(keys.response(inv.request_id), encode_events([ev]))
 
     async def read() -> list:
         ar = aredis.Redis.from_url(url)

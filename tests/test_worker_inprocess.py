@@ -29,7 +29,7 @@ from protocol.messages import (
     SamplingParams,
     Start,
     Token,
-    decode_event,
+    decode_events,
 )
 from protocol.settings import Settings
 from protocol.states import ControlAction, ModelState
@@ -81,7 +81,7 @@ def answer(r, rid: str, timeout_s: float = 60.0) -> list:
         for _, entries in r.xread({keys.response(rid): last}, block=200) or []:
             for entry_id, fields in entries:
                 last = entry_id
-                events.append(decode_event(fields))
+                events.extend(decode_events(fields))
                 if isinstance(events[-1], Done | Failed):
                     return events
     raise TimeoutError(f"no complete answer for {rid}; got {events}")
@@ -137,7 +137,7 @@ def test_cancel_stops_generation_and_frees_the_entry(r, worker, slow_model):
     r.publish(keys.CANCEL_CHANNEL, rid)
     wait_for(lambda: not worker.running.all(), 10, "the cancelled request to leave the worker")
     wait_for(lambda: queue_empty(r), 10, "the cancelled invocation to be acknowledged")
-    events = [decode_event(f) for _, f in r.xrange(keys.response(rid))]
+    events = [ev for _, f in r.xrange(keys.response(rid)) for ev in decode_events(f)]
     assert not any(isinstance(e, Done) for e in events) and len(events) < 200
     assert worker.counters.snapshot()["cancelled"] == 1
 

@@ -4,7 +4,9 @@ Threads, and why each exists:
 - main: RQ SimpleWorker on this worker's control queue (RQ installs signal handlers, so it must be the main
   thread); control jobs move models between COLD/HOST/WARM/HOT through `Models`;
 - consumer: reads invocations of every function this worker holds WARM/HOT and re-claims orphans;
-- engine: steps every HOT engine that has work and streams tokens (`Streamer`);
+- engine: steps every HOT engine that has work (`Streamer`);
+- publisher: detokenizes what the engines produced and writes it to the answer streams, while the engine thread
+  computes the next step;
 - heartbeat: refreshes liveness and the WorkerInfo the router, warmer and `warmserve status` read;
 - cancels: aborts requests whose client went away.
 A Redis outage stops none of them: a worker started while Redis is down waits for it, and every thread (the
@@ -169,6 +171,9 @@ class Worker:
     def step_once(self) -> None:
         self.streamer.step_once()
 
+    def publish_once(self) -> None:
+        self.streamer.publish_once()
+
     def cancels_once(self) -> None:
         self.consumer.listen_cancels(self.stopping)
 
@@ -215,7 +220,7 @@ class Worker:
         log.info("worker %s on %s registered (redis %s)", self.worker_id, self.device, self.redis_url)
         self.threads = [
             threading.Thread(target=self.forever, args=(body,), name=body.__name__, daemon=True)
-            for body in (self.heartbeat_once, self.consume_once, self.step_once, self.cancels_once)
+            for body in (self.heartbeat_once, self.consume_once, self.step_once, self.publish_once, self.cancels_once)
         ]
         for t in self.threads:
             t.start()

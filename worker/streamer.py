@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable
 
 import redis
@@ -20,12 +21,15 @@ from gpu_runtime.tokenizer import IncrementalDecoder
 from modelinfo import ModelFileError
 from protocol import keys
 from protocol.errors import NotDeployed, RequestError
-from protocol.messages import Done, Failed, FinishReason, Invocation, Start, Token, encode_event
+from protocol.messages import Done, Failed, FinishReason, Invocation, Start, Token, encode_events
 from protocol.settings import Settings
 from worker.models import Models, ServingEngine
 from worker.running import Counters, Running, RunningTable
 
 log = logging.getLogger(__name__)
+# With nothing produced, the publisher still flushes this often: outboxes a failed write left behind (a Redis
+# outage) and acknowledgements are retried on that beat.
+PUBLISH_IDLE_S = 0.05
 
 
 def hold_back(text: str, stops: tuple[str, ...]) -> int:
@@ -69,6 +73,8 @@ class Streamer:
         self.counters = counters
         self.spec = spec
         self.work = threading.Event()  # set when a request starts, so an idle engine loop wakes at once
+        self.produced: deque[list] = deque()  # engine outputs the publisher has not turned into events
+        self.outputs_ready = threading.Event()
         self.prefix_seen: dict[str, tuple[int, int, int]] = {}  # function -> (id of its engine, hit, query) counted
 
     # ---- starting ----
@@ -113,7 +119,10 @@ class Streamer:
 
     # ---- generating ----
     def step_once(self) -> None:
-        """Step every HOT engine that has work once (round robin over models), then publish their tokens."""
+        """Step every HOT engine that has work once (round robin over models) and hand their outputs to the
+        publisher. Detokenizing and writing to Redis happen on the publisher thread, so the device computes the
+        next step while the last one's tokens are published (done inline, they left the GPU idle for a few
+        milliseconds of Python per step at a few hundred streams)."""
         busy = False
         for fn in {run.inv.function for run in self.running.all()}:
             with self.models.lock(fn):
@@ -128,11 +137,21 @@ class Streamer:
                     self.fail_function(fn, Failed(500, f"function '{fn}': engine failure: {exc}"))
                     continue
                 self.count_prefix_cache(fn, engine)
-            self.collect(outs)
-        self.flush()
+            if outs:
+                self.produced.append(outs)
+                self.outputs_ready.set()
         if not busy:
             self.work.wait(0.01 if self.running.all() else 0.05)
             self.work.clear()
+
+    def publish_once(self) -> None:
+        """Turn everything the engines produced since the last round into events and write them in one round
+        trip. When the publisher falls behind, its rounds simply grow: more tokens per entry, fewer entries."""
+        self.outputs_ready.wait(PUBLISH_IDLE_S)
+        self.outputs_ready.clear()
+        while self.produced:
+            self.collect(self.produced.popleft())
+        self.flush()
 
     def count_prefix_cache(self, function: str, engine: ServingEngine) -> None:
         """Add the prompt tokens this engine found in its prefix cache (and looked up) since the last step to the
@@ -179,21 +198,27 @@ class Streamer:
                 run.finished = True
 
     def flush(self) -> None:
-        """Write every outbox in one round trip; only then are finished invocations acknowledged. When Redis
-        fails, outboxes are written again (the gateway skips positions it has) and acks are retried here."""
-        runs = [run for run in self.running.all() if run.outbox]
-        if runs:
+        """Write every outbox in one round trip, one entry per request; only then are finished invocations
+        acknowledged. When Redis fails, the events go back to their outboxes for the next flush (the gateway
+        skips positions it has) and acks are retried here."""
+        taken = [(run, run.outbox) for run in self.running.all() if run.outbox]
+        for run, _ in taken:
+            run.outbox = []
+        if taken:
             ttl = self.settings.response_ttl_s
-            with self.r.pipeline(transaction=False) as p:
-                for run in runs:
-                    for ev in run.outbox:
-                        p.xadd(keys.response(run.inv.request_id), encode_event(ev))
-                    if run.finished:
-                        p.expire(keys.response(run.inv.request_id), ttl)
-                p.execute()
-            for run in runs:
-                run.outbox.clear()
-                run.answered = run.finished
+            try:
+                with self.r.pipeline(transaction=False) as p:
+                    for run, events in taken:
+                        p.xadd(keys.response(run.inv.request_id), encode_events(events))
+                        if run.finished:
+                            p.expire(keys.response(run.inv.request_id), ttl)
+                    p.execute()
+            except redis.RedisError:
+                for run, events in taken:
+                    run.outbox[:0] = events
+                raise
+            for run, _ in taken:
+                run.answered = run.finished and not run.outbox  # a Failed another thread queued meanwhile
         for run in self.running.all():
             if run.answered:
                 self.ack(run)
@@ -201,11 +226,10 @@ class Streamer:
     # ---- ending ----
     def write(self, run: Running, events: list, finished: bool) -> None:
         """Write events for one request now (outside the engine loop's batching). A final answer Redis refused
-        waits in the outbox for the engine loop's next flush (a finished run's outbox is no one else's)."""
+        waits in the outbox for the publisher's next flush (a finished run's outbox is no one else's)."""
         try:
             with self.r.pipeline(transaction=False) as p:
-                for ev in events:
-                    p.xadd(keys.response(run.inv.request_id), encode_event(ev))
+                p.xadd(keys.response(run.inv.request_id), encode_events(events))
                 p.expire(keys.response(run.inv.request_id), self.settings.response_ttl_s)
                 p.execute()
         except redis.RedisError:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,14 +31,49 @@ MAX_DEPTH = 8
 MAX_NODES = 1000
 MAX_PATH = 1024  # characters in a model path; the OS allows 4096, a model directory never needs that many
 QUOTE_CHARS = 40  # error messages quote at most this much of a value
+MAX_PROBLEMS = 10  # an error lists at most this many problems (a hostile document may have a thousand)
 
 
 class SpecError(ValueError):
-    """A function spec that can't be deployed; the message names the source, the field and the reason."""
+    """A function spec that can't be deployed; the message names the source and every field with its reason.
 
-    def __init__(self, source: str, field_name: str, reason: str) -> None:
+    `field` and `reason` are the first problem's (an HTTP 400 names one `param`); `problems` holds them all, so a
+    file with several mistakes is fixed in one round instead of one error at a time."""
+
+    def __init__(self, source: str, field_name: str, reason: str, more: Sequence[tuple[str, str]] = ()) -> None:
         self.source, self.field, self.reason = source, field_name, reason
-        super().__init__(f"{source}: field '{field_name}': {reason}")
+        self.problems = [(field_name, reason), *more]
+        super().__init__(_message(source, self.problems))
+
+
+def _message(source: str, problems: list[tuple[str, str]]) -> str:
+    """`f.yaml: field 'a': reason; field 'b': reason`, at most MAX_PROBLEMS of them."""
+    shown = "; ".join(f"field '{f}': {r}" for f, r in problems[:MAX_PROBLEMS])
+    rest = f"; and {len(problems) - MAX_PROBLEMS} more problems" if len(problems) > MAX_PROBLEMS else ""
+    return f"{source}: {shown}{rest}"
+
+
+class _Problems:
+    """Every problem of one document, collected so they are reported together (`done` raises them as one)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.found: list[tuple[str, str]] = []
+
+    def add(self, field_name: str, reason: str) -> None:
+        self.found.append((field_name, reason))
+
+    def check(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(self.source, *args)`, or None with its SpecError's problems recorded."""
+        try:
+            return fn(self.source, *args)
+        except SpecError as exc:
+            self.found += exc.problems
+            return None
+
+    def done(self) -> None:
+        if self.found:
+            raise SpecError(self.source, *self.found[0], more=self.found[1:])
 
 
 @dataclass(frozen=True)
@@ -191,16 +226,20 @@ def check_shape(doc: Any, source: str) -> None:
             stack.extend((v, depth + 1) for v in value)
 
 
-def _section(source: str, raw: dict, name: str, allowed: set[str]) -> dict:
+def _unknown(problems: _Problems, mapping: dict, allowed: set[str], prefix: str = "") -> None:
+    for key in sorted(set(mapping) - allowed):
+        problems.add(prefix + key[:QUOTE_CHARS], f"unknown field (allowed: {', '.join(sorted(allowed))})")
+
+
+def _section(problems: _Problems, raw: dict, name: str, allowed: set[str]) -> dict:
+    """A sub-mapping (`scaling`, `slo`) with its unknown fields recorded; {} when absent or not a mapping."""
     value = raw.get(name, {})
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise SpecError(source, name, f"must be a mapping, got {type(value).__name__}")
-    unknown = sorted(set(value) - allowed)
-    if unknown:
-        field_name = f"{name}.{unknown[0][:QUOTE_CHARS]}"
-        raise SpecError(source, field_name, f"unknown field (allowed: {', '.join(sorted(allowed))})")
+        problems.add(name, f"must be a mapping, got {type(value).__name__}")
+        return {}
+    _unknown(problems, value, allowed, f"{name}.")
     return value
 
 
@@ -242,68 +281,90 @@ def _limit(source: str, model: Path, engine: str) -> int:
 def parse_spec(
     raw: Any, source: str = "<spec>", base_dir: Path | None = None, roots: Sequence[Path] | None = None
 ) -> FunctionSpec:
-    """Validate a decoded YAML/JSON document into a FunctionSpec, or raise SpecError naming the field.
+    """Validate a decoded YAML/JSON document into a FunctionSpec, or raise one SpecError naming every bad field.
 
     `roots`: the directories a model may resolve into (the gateway passes its configured ones); None for a
     trusted local file (the CLI checking what it is about to send)."""
-    check_shape(raw, source)
-    _check_head(raw, source)
-    model = _model(source, raw, base_dir, roots)
-    return check_fields(raw, source, model, _limit(source, model, raw.get("engine", "builtin")))
+    check_shape(raw, source)  # past this, a document is small enough to check whole
+    problems = _Problems(source)
+    _check_head(raw, problems)
+    model = limit = None
+    if "model" in raw:
+        model = problems.check(_model, raw, base_dir, roots)
+    if model is not None:
+        limit = problems.check(_limit, model, raw.get("engine", "builtin"))
+    return _check_rest(raw, problems, model, limit)
 
 
-def _check_head(raw: Any, source: str) -> None:
+def _check_head(raw: Any, problems: _Problems) -> None:
     """The document's keys, its name and its engine: what is checked before any file is looked at."""
-    if not isinstance(raw, dict):
-        raise SpecError(source, "<document>", f"must be a mapping, got {type(raw).__name__}")
-    allowed = {"name", "model", "engine", "dtype", "max_model_len", "scaling", "slo"}
-    unknown = sorted(set(raw) - allowed)
-    if unknown:
-        raise SpecError(source, unknown[0][:QUOTE_CHARS], f"unknown field (allowed: {', '.join(sorted(allowed))})")
+    if not isinstance(raw, dict):  # nothing else can be checked
+        raise SpecError(problems.source, "<document>", f"must be a mapping, got {type(raw).__name__}")
+    _unknown(problems, raw, {"name", "model", "engine", "dtype", "max_model_len", "scaling", "slo"})
     for required in ("name", "model"):
         if required not in raw:
-            raise SpecError(source, required, "is required")
-    name = raw["name"]
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise SpecError(source, "name", f"must match {NAME_RE.pattern} (lowercase, digits, . _ -), got {quote(name)}")
+            problems.add(required, "is required")
+    name = raw.get("name", "")
+    if "name" in raw and (not isinstance(name, str) or not NAME_RE.fullmatch(name)):
+        problems.add("name", f"must match {NAME_RE.pattern} (lowercase, digits, . _ -), got {quote(name)}")
     engine = raw.get("engine", "builtin")
     if not isinstance(engine, str) or engine not in ENGINES:
-        raise SpecError(source, "engine", f"must be one of {', '.join(ENGINES)}, got {quote(engine)}")
+        problems.add("engine", f"must be one of {', '.join(ENGINES)}, got {quote(engine)}")
 
 
 def check_fields(raw: Any, source: str, model: Path | None, limit: int | None = None) -> FunctionSpec:
     """Every check that needs no files; `limit` (the model's longest sequence) when the files were read.
 
-    Stored entries come through here too (with `model` as stored and no limit), so a registry entry that is not
+    Stored entries come through here (with `model` as stored and no limit), so a registry entry that is not
     a spec we wrote is refused field by field."""
-    _check_head(raw, source)
-    if model is None:
-        raise SpecError(source, "model", f"must be a path to a local model directory, got {quote(raw['model'])}")
-    engine = raw.get("engine", "builtin")
+    problems = _Problems(source)
+    _check_head(raw, problems)
+    if model is None and "model" in raw:
+        problems.add("model", f"must be a path to a local model directory, got {quote(raw['model'])}")
+    return _check_rest(raw, problems, model, limit)
+
+
+def _check_rest(raw: dict, problems: _Problems, model: Path | None, limit: int | None) -> FunctionSpec:
+    """The fields after the head, each checked even when an earlier one is wrong; raises all problems found."""
     dtype = raw.get("dtype", "float32")
     if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
-        raise SpecError(source, "dtype", f"must be one of {', '.join(DTYPE_BYTES)}, got {quote(dtype)}")
+        problems.add("dtype", f"must be one of {', '.join(DTYPE_BYTES)}, got {quote(dtype)}")
+    max_model_len = _max_model_len(raw, problems, limit)
+    scaling = _scaling(raw, problems)
+    slo_raw = _section(problems, raw, "slo", {"ttft_ms"})
+    ttft_ms = problems.check(_number, "slo.ttft_ms", slo_raw.get("ttft_ms", 1000), 1)
+    problems.done()
+    engine = raw.get("engine", "builtin")
+    return FunctionSpec(raw["name"], str(model), engine, dtype, max_model_len, scaling, Slo(ttft_ms=ttft_ms))
+
+
+def _max_model_len(raw: dict, problems: _Problems, limit: int | None) -> int | None:
+    if "max_model_len" not in raw and any(f == "model" for f, _ in problems.found):
+        return None  # the default comes from the model's files, and the model is wrong (reported already)
     default_len = min(DEFAULT_MAX_MODEL_LEN, limit) if limit is not None else None
-    max_model_len = _int(source, "max_model_len", raw.get("max_model_len", default_len), 16)
-    if limit is not None and max_model_len > limit:
-        raise SpecError(
-            source,
+    value = problems.check(_int, "max_model_len", raw.get("max_model_len", default_len), 16)
+    if value is not None and limit is not None and value > limit:
+        problems.add(
             "max_model_len",
-            f"{max_model_len} exceeds the model's max_position_embeddings ({limit}; a sliding window, when the "
+            f"{value} exceeds the model's max_position_embeddings ({limit}; a sliding window, when the "
             "model uses one, caps it too)",
         )
-    sc = _section(source, raw, "scaling", {"min_instances", "max_instances", "keep_alive_s", "max_queue"})
-    scaling = Scaling(
-        min_instances=_int(source, "scaling.min_instances", sc.get("min_instances", 0), 0),
-        max_instances=_int(source, "scaling.max_instances", sc.get("max_instances", 1), 1),
-        keep_alive_s=_number(source, "scaling.keep_alive_s", sc.get("keep_alive_s", 300), 0),
-        max_queue=_int(source, "scaling.max_queue", sc.get("max_queue", 256), 1),
-    )
-    if scaling.min_instances > scaling.max_instances:
-        raise SpecError(source, "scaling.min_instances", "must not exceed scaling.max_instances")
-    slo_raw = _section(source, raw, "slo", {"ttft_ms"})
-    slo = Slo(ttft_ms=_number(source, "slo.ttft_ms", slo_raw.get("ttft_ms", 1000), 1))
-    return FunctionSpec(raw["name"], str(model), engine, dtype, max_model_len, scaling, slo)
+    return value
+
+
+def _scaling(raw: dict, problems: _Problems) -> Scaling | None:
+    sc = _section(problems, raw, "scaling", {"min_instances", "max_instances", "keep_alive_s", "max_queue"})
+    values = {
+        "min_instances": problems.check(_int, "scaling.min_instances", sc.get("min_instances", 0), 0),
+        "max_instances": problems.check(_int, "scaling.max_instances", sc.get("max_instances", 1), 1),
+        "keep_alive_s": problems.check(_number, "scaling.keep_alive_s", sc.get("keep_alive_s", 300), 0),
+        "max_queue": problems.check(_int, "scaling.max_queue", sc.get("max_queue", 256), 1),
+    }
+    if None in values.values():
+        return None
+    if values["min_instances"] > values["max_instances"]:
+        problems.add("scaling.min_instances", "must not exceed scaling.max_instances")
+    return Scaling(**values)
 
 
 class _Loader(yaml.SafeLoader):

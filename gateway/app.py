@@ -25,16 +25,17 @@ from starlette.routing import Route
 
 from functions.spec import FunctionSpec, SpecError, model_roots, parse_spec, parse_yaml, quote
 from gateway import auth
+from gateway.answers import Assembly, merged, resumed
 from gateway.body import read_body
 from gateway.errors import ApiError
 from gateway.metrics import Metrics
-from gateway.openai_api import Parsed, chunk_body, completion_body, parse_chat, parse_completion, usage
+from gateway.openai_api import Parsed, parse_chat, parse_completion
 from gpu_runtime.tokenizer import Tokenizer
 from invoker.fanout import AnswerReader
 from invoker.registry import Registry
-from invoker.submit import Answer, InvokerClient, NoWorkers, QueueFull, TooLarge, live_workers
+from invoker.submit import Accepted, Answer, InvokerClient, NoWorkers, QueueFull, TooLarge, live_workers
 from protocol import keys
-from protocol.messages import Done, Failed, Invocation, Restart, Token
+from protocol.messages import Failed, Invocation, Token
 from protocol.settings import Settings
 from protocol.states import ModelState
 
@@ -44,6 +45,19 @@ REDIS_RETRY_AFTER_S = 2  # a Redis restart with append-only persistence takes ab
 
 def json_response(data: object, status: int = 200) -> Response:
     return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+def sse_data(body: dict) -> bytes:
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+def refusal(exc: Exception) -> ApiError:
+    """The HTTP error for an invocation the invoker would not accept."""
+    if isinstance(exc, QueueFull):
+        return ApiError(429, str(exc), code="queue_full", retry_after=exc.retry_after_s)
+    if isinstance(exc, TooLarge):
+        return ApiError(400, str(exc), param=exc.param, code="request_too_large")
+    return ApiError(503, str(exc), code="no_workers", retry_after=5)
 
 
 class Gateway:
@@ -122,105 +136,115 @@ class Gateway:
             # tokenizing and chat templates are CPU work: keep them off the event loop that streams answers
             tok = await asyncio.to_thread(self.tokenizer, spec)
             parsed = await asyncio.to_thread(parse_chat if chat else parse_completion, body, spec, tok)
-            tokens = len(parsed.prompt_ids) + parsed.sampling.max_tokens
-            await auth.charge_tokens(self.r, self.settings, caller, tokens)
+            await auth.charge_tokens(self.r, self.settings, caller, parsed.budget)
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-            inv = Invocation(rid, spec.name, parsed.prompt_ids, parsed.sampling)
-            try:
-                accepted = await self.invoker.submit(inv, spec)
-            except QueueFull as exc:
-                raise ApiError(429, str(exc), code="queue_full", retry_after=exc.retry_after_s) from None
-            except NoWorkers as exc:
-                raise ApiError(503, str(exc), code="no_workers", retry_after=5) from None
-            except TooLarge as exc:
-                raise ApiError(400, str(exc), param=exc.param, code="request_too_large") from None
-            events = self.invoker.events(
-                spec, rid, self.settings.request_timeout_s, restartable=not parsed.stream, accepted=accepted
-            )
+            accepted = await self.submit(spec, rid, parsed)
+            answer = Assembly(rid, spec.name, parsed, tok, chat)
+            state = accepted[0].state
             if parsed.stream:
-                return await self.stream(spec, rid, parsed, events, chat, caller)
-            return await self.collect(spec, rid, parsed, events, chat)
+                resp = await self.stream(spec, answer, accepted, caller, state)
+            else:
+                resp = await self.collect(spec, answer, accepted, state)
+            resp.headers["x-warmserve-state"] = state  # where its model was on arrival: HOT ... COLD
+            return resp
         except ApiError as err:
             self.metrics.request(name, err.status)
             return auth.redacted(err, caller).response()
 
-    async def collect(
-        self, spec: FunctionSpec, rid: str, parsed: Parsed, events: AsyncIterator[Answer], chat: bool
-    ) -> Response:
-        t0, parts, n = time.monotonic(), [], 0
-        async for ev in events:
-            if isinstance(ev, Token):
-                if n == 0:
-                    self.metrics.first_token(spec.name, time.monotonic() - t0)
-                n += ev.id >= 0
-                parts.append(ev.text)
-            elif isinstance(ev, Restart):  # re-delivered after a worker died: its answer replaces the partial one
-                parts.clear()
-                n = 0
-            elif isinstance(ev, Failed):
-                raise ApiError(ev.status, ev.message)
-            elif isinstance(ev, Done):
-                self.metrics.request(spec.name, 200)
-                self.metrics.generated(spec.name, n)
-                text = "".join(parts)
-                return json_response(
-                    completion_body(rid, spec.name, text, ev.finish_reason, len(parsed.prompt_ids), n, chat)
-                )
-        raise ApiError(500, f"function '{spec.name}': the answer stream ended without a result")
+    async def submit(self, spec: FunctionSpec, rid: str, parsed: Parsed) -> list[Accepted]:
+        """One invocation per prompt, all accepted or none: those queued before a refusal are cancelled."""
+        ids = [rid] if len(parsed.prompts) == 1 else [f"{rid}-{i}" for i in range(len(parsed.prompts))]
+        accepted: list[Accepted] = []
+        try:
+            for request_id, prompt in zip(ids, parsed.prompts, strict=True):
+                inv = Invocation(request_id, spec.name, prompt.ids, parsed.sampling)
+                accepted.append(await self.invoker.submit(inv, spec))
+        except (QueueFull, NoWorkers, TooLarge) as exc:
+            for done in accepted:
+                await self.invoker.cancel(done.inv.request_id)
+            raise refusal(exc) from None
+        return accepted
+
+    def answer_streams(self, spec: FunctionSpec, accepted: list[Accepted], stream: bool) -> list[AsyncIterator[Answer]]:
+        timeout = self.settings.request_timeout_s
+        return [
+            self.invoker.events(spec, a.inv.request_id, timeout, restartable=not stream, accepted=a) for a in accepted
+        ]
+
+    async def finish(
+        self, events: AsyncIterator, streams: list[AsyncIterator[Answer]], answer: Assembly, accepted: list[Accepted]
+    ) -> None:
+        """Close an answer's readers, and stop the prompts still generating (the client went away, or another of
+        its prompts failed)."""
+        await events.aclose()
+        for s in streams:
+            await s.aclose()
+        for a, prompt in zip(accepted, answer.answers, strict=True):
+            if prompt.running():
+                await self.invoker.cancel(a.inv.request_id)
+
+    async def collect(self, spec: FunctionSpec, answer: Assembly, accepted: list[Accepted], state: str) -> Response:
+        t0, streams = time.monotonic(), self.answer_streams(spec, accepted, stream=False)
+        events, first = merged(streams), True
+        try:
+            async for i, ev in events:
+                answer.add(i, ev)
+                if isinstance(ev, Failed):
+                    raise ApiError(ev.status, ev.message)
+                if first and isinstance(ev, Token):
+                    first = False
+                    self.metrics.first_token(spec.name, time.monotonic() - t0, state)
+        finally:
+            await self.finish(events, streams, answer, accepted)
+        if not answer.complete():
+            raise ApiError(500, f"function '{spec.name}': the answer stream ended without a result")
+        self.metrics.request(spec.name, 200)
+        self.metrics.generated(spec.name, answer.usage()["completion_tokens"])
+        return json_response(answer.body())
 
     async def stream(
-        self,
-        spec: FunctionSpec,
-        rid: str,
-        parsed: Parsed,
-        events: AsyncIterator[Answer],
-        chat: bool,
-        caller: auth.Principal,
+        self, spec: FunctionSpec, answer: Assembly, accepted: list[Accepted], caller: auth.Principal, state: str
     ) -> Response:
-        t0 = time.monotonic()
-        first = await anext(events)  # an error before any token still gets a proper HTTP status
-        if isinstance(first, Failed):
-            raise ApiError(first.status, first.message)
+        t0, streams = time.monotonic(), self.answer_streams(spec, accepted, stream=True)
+        events, early = merged(streams), []
+        try:  # an error before any token still gets its HTTP status: wait until every prompt's answer has begun
+            async for i, ev in events:
+                if isinstance(ev, Failed):
+                    answer.add(i, ev)
+                    raise ApiError(ev.status, ev.message)
+                early.append((i, ev))
+                if len({j for j, _ in early}) == len(streams):
+                    break
+        except BaseException:
+            await self.finish(events, streams, answer, accepted)
+            raise
 
         async def sse() -> AsyncIterator[bytes]:
-            n, finished = 0, False
+            first, rest = True, resumed(early, events)
             try:
-                if chat:
-                    yield (b"data: " + orjson.dumps(chunk_body(rid, spec.name, "", None, True, first=True)) + b"\n\n")
-                pending = [first]
-                while True:
-                    ev = pending.pop() if pending else await anext(events)
-                    if isinstance(ev, Token):
-                        if n == 0:
-                            self.metrics.first_token(spec.name, time.monotonic() - t0)
-                        n += ev.id >= 0
-                        if ev.text:
-                            chunk = chunk_body(rid, spec.name, ev.text, None, chat)
-                            yield b"data: " + orjson.dumps(chunk) + b"\n\n"
-                    elif isinstance(ev, Failed):
-                        err = auth.redacted(ApiError(ev.status, ev.message), caller).body()
-                        yield b"data: " + orjson.dumps(err) + b"\n\n"
+                async for i, ev in rest:
+                    chunks = answer.add(i, ev)
+                    if isinstance(ev, Failed):
+                        yield sse_data(auth.redacted(ApiError(ev.status, ev.message), caller).body())
                         self.metrics.request(spec.name, ev.status)
                         break
-                    elif isinstance(ev, Done):
-                        last = chunk_body(rid, spec.name, None if chat else "", ev.finish_reason, chat)
-                        yield b"data: " + orjson.dumps(last) + b"\n\n"
-                        if parsed.include_usage:
-                            tail = {**chunk_body(rid, spec.name, None, None, chat), "choices": []}
-                            tail["usage"] = usage(len(parsed.prompt_ids), n)
-                            yield b"data: " + orjson.dumps(tail) + b"\n\n"
-                        self.metrics.request(spec.name, 200)
-                        self.metrics.generated(spec.name, n)
-                        break
-                finished = True
+                    if first and isinstance(ev, Token):
+                        first = False
+                        self.metrics.first_token(spec.name, time.monotonic() - t0, state)
+                    for choice in chunks:
+                        yield sse_data(answer.chunk([choice]))
+                else:
+                    if answer.parsed.include_usage:
+                        yield sse_data(answer.chunk([], answer.usage()))
+                    self.metrics.request(spec.name, 200)
+                    self.metrics.generated(spec.name, answer.usage()["completion_tokens"])
                 yield b"data: [DONE]\n\n"
             finally:
                 # Starlette cancels this generator when the client disconnects; without a shield every await
                 # here would be cancelled too and the worker would generate for nobody.
                 with anyio.CancelScope(shield=True):
-                    if not finished:  # the client went away mid-answer
-                        await self.invoker.cancel(rid)
-                    await events.aclose()
+                    await rest.aclose()
+                    await self.finish(events, streams, answer, accepted)
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

@@ -14,13 +14,20 @@ class Metrics:
         self.tokens: dict[str, int] = defaultdict(int)
         self.ttft_counts: dict[str, list[int]] = defaultdict(lambda: [0] * (len(TTFT_BUCKETS) + 1))
         self.ttft_sum: dict[str, float] = defaultdict(float)
+        # the same, by the state the function's model was in when the request arrived (HOT/WARM/LOADING/HOST/COLD)
+        self.state_counts: dict[str, list[int]] = defaultdict(lambda: [0] * (len(TTFT_BUCKETS) + 1))
+        self.state_sum: dict[str, float] = defaultdict(float)
 
     def request(self, function: str, status: int) -> None:
         self.requests[(function, status)] += 1
 
-    def first_token(self, function: str, seconds: float) -> None:
-        self.ttft_counts[function][bisect.bisect_left(TTFT_BUCKETS, seconds)] += 1
+    def first_token(self, function: str, seconds: float, state: str = "") -> None:
+        bucket = bisect.bisect_left(TTFT_BUCKETS, seconds)
+        self.ttft_counts[function][bucket] += 1
         self.ttft_sum[function] += seconds
+        if state:
+            self.state_counts[state][bucket] += 1
+            self.state_sum[state] += seconds
 
     def generated(self, function: str, n: int) -> None:
         self.tokens[function] += n
@@ -39,17 +46,14 @@ class Metrics:
             "# TYPE warmserve_generated_tokens_total counter",
         ]
         out += [f'warmserve_generated_tokens_total{{function="{f}"}} {n}' for f, n in self.tokens.items()]
-        out += [
-            "# HELP warmserve_ttft_seconds Time to first token.",
-            "# TYPE warmserve_ttft_seconds histogram",
-        ]
-        for f, counts in self.ttft_counts.items():
-            running = 0
-            for le, c in zip((*map(str, TTFT_BUCKETS), "+Inf"), counts, strict=True):
-                running += c
-                out.append(f'warmserve_ttft_seconds_bucket{{function="{f}",le="{le}"}} {running}')
-            out.append(f'warmserve_ttft_seconds_sum{{function="{f}"}} {self.ttft_sum[f]:.6f}')
-            out.append(f'warmserve_ttft_seconds_count{{function="{f}"}} {running}')
+        out += histogram("warmserve_ttft_seconds", "Time to first token.", "function", self.ttft_counts, self.ttft_sum)
+        out += histogram(
+            "warmserve_ttft_by_state_seconds",
+            "Time to first token, by the state the function's model was in when the request arrived.",
+            "state",
+            self.state_counts,
+            self.state_sum,
+        )
         out += [
             "# HELP warmserve_queue_depth Invocations waiting or running.",
             "# TYPE warmserve_queue_depth gauge",
@@ -62,6 +66,19 @@ class Metrics:
         out.append(f"warmserve_live_workers {live_workers}")
         out += prefix_cache_lines(worker_counters or {})
         return "\n".join(out) + "\n"
+
+
+def histogram(metric: str, what: str, label: str, counts: dict[str, list[int]], sums: dict[str, float]) -> list[str]:
+    """A Prometheus histogram per label value, from per-bucket counts over TTFT_BUCKETS (+Inf last)."""
+    out = [f"# HELP {metric} {what}", f"# TYPE {metric} histogram"]
+    for v, per_bucket in counts.items():
+        running = 0
+        for le, c in zip((*map(str, TTFT_BUCKETS), "+Inf"), per_bucket, strict=True):
+            running += c
+            out.append(f'{metric}_bucket{{{label}="{v}",le="{le}"}} {running}')
+        out.append(f'{metric}_sum{{{label}="{v}"}} {sums[v]:.6f}')
+        out.append(f'{metric}_count{{{label}="{v}"}} {running}')
+    return out
 
 
 def prefix_cache_lines(worker_counters: dict[str, dict[str, int]]) -> list[str]:

@@ -101,8 +101,12 @@ class Tokenizer:
         text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
         return _cleanup(text) if self.clean_up_spaces else text
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
-        """Render the model's chat template (as transformers does: sandboxed jinja2, trim/lstrip blocks)."""
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None, **kwargs
+    ) -> str:
+        """Render the model's chat template (as transformers does: sandboxed jinja2, trim/lstrip blocks). ``tools``
+        are OpenAI tool objects ({"type": "function", "function": {name, description, parameters}}), passed to the
+        template as its ``tools`` variable (None when there are none, as templates test it)."""
         if not self.chat_template:
             raise ValueError("this model has no chat_template in tokenizer_config.json; use completions instead")
         if self._template is None:
@@ -117,7 +121,10 @@ class Tokenizer:
             self._template = env.from_string(self.chat_template)
         variables = {name: value or "" for name, value in self.special.items()}
         return self._template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **{**variables, **kwargs}
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            tools=tools or None,
+            **{**variables, **kwargs},
         )
 
 

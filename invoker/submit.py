@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 import redis.asyncio as aredis
@@ -28,7 +28,7 @@ from invoker.fanout import AnswerReader
 from protocol import keys
 from protocol.messages import Done, Event, Failed, Invocation, Restart, Start, Token, WorkerInfo, decode_events
 from protocol.settings import Settings
-from protocol.states import ControlAction
+from protocol.states import ARRIVAL_ORDER, ControlAction, ModelState
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,27 @@ class Accepted:
 
     inv: Invocation
     entry_id: bytes
+    state: ModelState = ModelState.COLD  # its function's model on arrival, at best across live workers
+
+
+@dataclass
+class Progress:
+    """How far the client has one answer: per sequence index, the next position it needs and whether it is done."""
+
+    sequences: int
+    next_pos: dict[int, int] = field(default_factory=dict)
+    done: set[int] = field(default_factory=set)
+
+    def fresh(self, ev: Token) -> bool:
+        """Whether `ev` is the position its sequence needs next (a re-execution replays ones the client has)."""
+        if ev.pos != self.next_pos.get(ev.index, 0):
+            return False
+        self.next_pos[ev.index] = ev.pos + 1
+        return True
+
+    @property
+    def complete(self) -> bool:
+        return len(self.done) >= self.sequences
 
 
 async def live_workers(r: aredis.Redis, settings: Settings) -> list[WorkerInfo]:
@@ -66,6 +87,13 @@ async def live_workers(r: aredis.Redis, settings: Settings) -> list[WorkerInfo]:
     ids = await r.zrangebyscore(keys.WORKERS, time.time() - settings.heartbeat_timeout_s, "+inf")
     infos = await asyncio.gather(*(r.hget(keys.worker(i.decode()), "info") for i in ids))
     return [WorkerInfo.from_json(raw) for raw in infos if raw]
+
+
+def state_on_arrival(workers: list[WorkerInfo], function: str) -> ModelState:
+    """The state a request finds its function's model in: the best across live workers (COLD where none has it).
+    The gateway returns it in `x-warmserve-state` and counts TTFT by it."""
+    states = [w.models[function] for w in workers if function in w.models]
+    return min(states, key=ARRIVAL_ORDER.index, default=ModelState.COLD)
 
 
 def live_workers_sync(r: redis.Redis, settings: Settings) -> list[WorkerInfo]:
@@ -97,8 +125,10 @@ class InvokerClient:
         workers = await live_workers(self.r, self.settings)
         if not workers:
             raise NoWorkers("no live worker is registered; start one with `warmserve worker`")
+        # n sequences share the prompt's KV; each needs its own for the tokens it generates
+        generated = inv.sampling.max_tokens * inv.sampling.n
         refusal = await asyncio.to_thread(
-            admission.check, spec, len(inv.prompt_ids), inv.sampling.max_tokens, workers
+            admission.check, spec, len(inv.prompt_ids), generated, workers
         )  # reads the model's config.json: off the event loop
         if refusal is not None:
             raise TooLarge(refusal)
@@ -106,7 +136,7 @@ class InvokerClient:
             p.xadd(keys.invocations(spec.name), inv.to_fields())
             history.record_arrival(p, spec.name, inv.created, self.settings.history_bucket_s)
             entry_id, *_ = await p.execute()
-        accepted = Accepted(inv, entry_id)
+        accepted = Accepted(inv, entry_id, state_on_arrival(workers, spec.name))
         try:
             await self.ensure_routed(spec, workers)
         except redis.RedisError as exc:  # accepted already: a waiting request re-checks its routing
@@ -120,6 +150,8 @@ class InvokerClient:
         want = min(max(1, spec.scaling.min_instances), spec.scaling.max_instances, len(workers))
         if len(hosting) >= want:
             return
+        if (await self.r.get(keys.WARMER_POLICY) or b"warmserve") != b"warmserve":
+            return  # the warmer plays a baseline (`warmserve warmer --policy`): it decides cold loads itself
         if not await self.r.set(keys.routing_lock(spec.name), b"1", nx=True, ex=self.settings.routing_lock_s):
             return  # another gateway (or an earlier request) already asked
         others = sorted((w for w in workers if w not in hosting), key=lambda w: -w.free_bytes)
@@ -137,7 +169,8 @@ class InvokerClient:
         restartable: bool = False,
         accepted: Accepted | None = None,
     ) -> AsyncIterator[Answer]:
-        """Yield the request's events in order, each token position once, ending with `Done` or `Failed`.
+        """Yield the request's events in order, each token position of each sequence once, ending with the `Done`
+        of its last sequence (the accepted invocation's `n`; 1 without one) or a `Failed`.
 
         A re-delivered invocation starts again at position 0 on another worker. When nothing has reached the
         client yet (`restartable`: a non-streamed answer), the re-run replaces the partial answer: a `Restart`
@@ -146,7 +179,7 @@ class InvokerClient:
         lost in a Redis restart), is submitted again and its re-run completes the answer.
         """
         queue = await self.reader.subscribe(request_id)
-        next_pos, starts = 0, 0
+        progress, starts = Progress(accepted.inv.sampling.n if accepted else 1), 0
         start = last_event = time.monotonic()
         try:
             while True:
@@ -166,17 +199,21 @@ class InvokerClient:
                     if isinstance(ev, Start):
                         starts += 1
                         if starts > 1 and restartable:
-                            next_pos = 0
+                            progress = Progress(progress.sequences)
                             yield Restart(ev.worker)
                     elif isinstance(ev, Token):
-                        if ev.pos != next_pos:
+                        if not progress.fresh(ev):
                             continue  # a re-execution replaying positions the client already has
-                        next_pos += 1
-                    elif isinstance(ev, Done) and next_pos < ev.completion_tokens and accepted is not None:
-                        await self.recheck(spec, accepted, lost=f"its answer lost positions {next_pos}..")
-                        continue
+                    elif isinstance(ev, Done):
+                        if ev.index in progress.done:
+                            continue  # a re-execution finishing a sequence the client already has whole
+                        gap = progress.next_pos.get(ev.index, 0)
+                        if gap < ev.completion_tokens and accepted is not None:
+                            await self.recheck(spec, accepted, lost=f"its answer lost positions {gap}.. of {ev.index}")
+                            continue
+                        progress.done.add(ev.index)
                     yield ev
-                    if isinstance(ev, Done | Failed):
+                    if isinstance(ev, Failed) or progress.complete:
                         return
         finally:
             self.reader.unsubscribe(request_id)

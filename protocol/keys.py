@@ -20,6 +20,8 @@ GROUP = "workers"
 # retried once a minute, not every round), and field "last_plan" -> {"at", "sent"} of its last round.
 # redis-cli HGETALL ws:warmer
 WARMER_STATE = f"{PREFIX}:warmer"
+# Set (for 10 s, refreshed) while the warmer plays a baseline (`warmserve warmer --policy`): it decides cold loads.
+WARMER_POLICY = f"{PREFIX}:warmer:policy"
 # The RQ job every control action runs as, by import path (RQ pickles the path, not the code).
 CONTROL_JOB = "worker.control.apply"
 # How control jobs are encoded: JSON, because RQ's default (pickle) runs code when a job is read.

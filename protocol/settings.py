@@ -22,7 +22,7 @@ class Settings:
     registry_check_s: float = 0.5  # how often a worker looks for deploys and removals
     response_ttl_s: int = 600  # an answer stream nobody reads expires instead of piling up
     max_inflight_per_function: int = 64  # a worker stops reading a function's stream at this many running requests
-    read_batch: int = 16  # invocations taken per XREADGROUP
+    read_batch: int = 64  # invocations taken per XREADGROUP (they join the engine together: one lock hold)
     kv_seqs: int = 8  # KV a HOT model reserves: this many sequences at its max_model_len
     drain_wait_s: float = 2.0  # a deactivate/evict waits this long for the model's running requests to finish
     engine_max_num_seqs: int = 64  # sequences one engine batches at once (CUDA graphs are captured up to 256)
@@ -51,6 +51,9 @@ class Settings:
     history_windows: int = 8 * 24 * 12  # windows of history read: same time yesterday and a week ago
     resend_after_s: float = 60.0  # an action not reflected in the cluster after this long is sent again
     capacity_rps: float = 4.0  # requests/s one HOT instance absorbs within its SLO (until calibrated)
+    # bench/replay.py compresses time by this factor (1: real time): windows, lead and keep-alives are given already
+    # divided by it, and the forecaster counts in windows of window_s * time_scale so its day stays a day of windows
+    time_scale: float = 1.0
     # ---- arrival history (gateway writes, warmer reads) ----
     history_bucket_s: int = 60
     history_retention_buckets: int = 14 * 24 * 60

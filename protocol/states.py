@@ -37,6 +37,10 @@ class ModelState(StrEnum):
             raise ValueError(f"unknown model state {value!r}; one of {[s.value for s in cls]}") from None
 
 
+# Best first, for the state a request finds its function's model in (the gateway's x-warmserve-state, the
+# simulator's breakdown): a model being loaded is closer to serving than one in host memory.
+ARRIVAL_ORDER = (ModelState.HOT, ModelState.WARM, ModelState.LOADING, ModelState.HOST, ModelState.COLD)
+
 _LEVELS = {
     ModelState.COLD: 0,
     ModelState.HOST: 1,

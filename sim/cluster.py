@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from protocol.states import ModelState
+from protocol.states import ARRIVAL_ORDER, ModelState
 from sim.engine_model import EngineModel, Profile
 from sim.traces import Workload
 
@@ -87,6 +87,18 @@ class Inst:
         return self.n_active + len(self.waiting) + len(self.batch)
 
 
+def preload_order(by_popularity: list[int], nbytes: list[int], capacity: int) -> list[int]:
+    """Host-cache preload: the most popular functions that fit (a less popular one never pushes out a more popular
+    one), inserted least popular first so the LRU cache keeps the most popular longest. bench/replay.py loads a
+    live worker's cache the same way."""
+    chosen, used = [], 0
+    for f in by_popularity:
+        if used + nbytes[f] <= capacity:
+            chosen.append(f)
+            used += nbytes[f]
+    return chosen[::-1]
+
+
 class Sim:
     def __init__(
         self,
@@ -129,6 +141,9 @@ class Sim:
         self.refused = np.zeros(nreq, dtype=bool)  # could never fit: answered 400 on arrival, not measured
         self.finish = np.full(nreq, np.nan)
         self.arrived = np.zeros(len(functions), dtype=np.int64)
+        # per request: the state its function's model was in on arrival, as an index into ARRIVAL_ORDER (the
+        # live gateway's x-warmserve-state)
+        self.arrival_state = np.full(nreq, len(ARRIVAL_ORDER) - 1, dtype=np.int8)
         self.sample_s = sample_s
         self.max_drain_s = max_drain_s
         self.timeline: list[tuple] = []  # (t, weights GB, kv GB, #LOADING, #WARM, #HOT, queued)
@@ -140,7 +155,8 @@ class Sim:
         self.target = [policy.target_concurrency or f.target_concurrency for f in functions]
         self.max_batch = policy.max_batch or profile.max_batch
         for node in range(n_nodes):
-            for f in host_preload or []:
+            for f in preload_order(host_preload or [], [fn.engine.m.weight_bytes for fn in functions],
+                                   profile.host_memory_bytes):  # fmt: skip
                 self._host_insert(node, f, workload.start_s)
 
     # ---------------------------------------------------------------- run loop
@@ -197,6 +213,7 @@ class Sim:
     # ---------------------------------------------------------------- requests
     def _arrive(self, r: int, f: int) -> None:
         self.arrived[f] += 1
+        self.arrival_state[r] = self._state_of(f)
         if self._kv_need(f, r) > self.cap - self.fns[f].engine.m.shard_bytes:
             self.refused[r] = True  # the gateway answers 400 (invoker/admission.py): it never queues
             self.counters["refused"] += 1
@@ -218,6 +235,14 @@ class Sim:
         if inst.load() >= self.target[f]:
             self.policy.on_pressure(self, f, self.now)
         self._admit(inst, r)
+
+    def _state_of(self, f: int) -> int:
+        """Best state of f's model anywhere (invoker.submit.state_on_arrival's order)."""
+        best = min((ARRIVAL_ORDER.index(x.state) for x in self.by_fn[f]), default=len(ARRIVAL_ORDER) - 1)
+        host = ARRIVAL_ORDER.index(ModelState.HOST)
+        if best > host and any(f in h and h[f] <= self.now for h in self.host):
+            return host
+        return best
 
     def _kv_need(self, f: int, r: int) -> float:
         return (int(self.w.prompt[r]) + int(self.w.output[r])) * self.kv_per_tok[f]

@@ -31,7 +31,7 @@ from protocol.settings import DEFAULTS, Settings
 from protocol.states import ControlAction, ModelState
 from sim.cluster import Inst, Sim
 from warmer.cluster import GPU, ClusterView, FunctionSpec, Instance, Load, Worker
-from warmer.forecast import Prediction, act_on, make_forecaster, this_and_next
+from warmer.forecast import Prediction, act_on, for_settings, live_rate, this_and_next
 from warmer.placement import Options, plan
 
 KV_MIN_BYTES = 8e9  # per GPU left for KV when a baseline places weights on a shared GPU
@@ -120,15 +120,17 @@ class Static(Policy):
         reps = [max(1, math.ceil(d / self.split_above)) for d in demand]
 
         def need(f: int) -> float:  # bytes per GPU of one replica
-            return sim.fns[f].engine.m.shard_bytes + max(0.05, min(1.0, demand[f] / reps[f])) * self.kv_at_cap[f]
+            return (
+                sim.fns[f].engine.m.shard_bytes + max(0.05, min(1.0, demand[f] / max(1, reps[f]))) * self.kv_at_cap[f]
+            )
 
         def total() -> float:
             return sum(reps[f] * sim.fns[f].engine.m.tp * need(f) for f in range(nf))
 
         while total() > 0.95 * sim.cap * sim.n_gpus:  # trim the replica that carries the least load
             f = min((f for f in range(nf) if reps[f] > 1), key=lambda f: demand[f] / reps[f], default=None)
-            if f is None:
-                raise RuntimeError("static: one replica of every function does not fit in GPU memory")
+            if f is None:  # one replica each does not fit: the least demanded functions go unserved (all misses)
+                f = min((f for f in range(nf) if reps[f]), key=lambda f: (demand[f], f))
             reps[f] -= 1
         budget = [sim.cap] * sim.n_gpus
         load = [0.0] * sim.n_gpus
@@ -154,8 +156,8 @@ class Static(Policy):
             for i in g:
                 budget[i] -= nb
                 load[i] += demand[f] / reps[f]
-        if not all(placed):
-            missing = [sim.fns[f].name for f in range(nf) if not placed[f]]
+        if any(reps[f] and not placed[f] for f in range(nf)):
+            missing = [sim.fns[f].name for f in range(nf) if reps[f] and not placed[f]]
             raise RuntimeError(f"static: no room for {', '.join(missing)}")
         kvn = {f: need(f) - sim.fns[f].engine.m.shard_bytes for f in range(nf)}
         for x in sim.insts.values():  # quotas: split what weights leave in proportion to the KV needs
@@ -324,7 +326,8 @@ class WarmServe(Policy):
     ):
         self.history = history  # (functions, windows) counts before the run, ending at the run's start
         self.window_s, self.tick_s = settings.window_s, settings.warmer_interval_s
-        self.forecaster = make_forecaster(settings.forecast_method, window_s=settings.window_s)
+        self.settings = settings
+        self.forecaster = for_settings(settings)
         self.ablation = ablation
         self.lends = ablation.lending
         self.options = Options(first_fit=ablation.first_fit)
@@ -365,7 +368,8 @@ class WarmServe(Policy):
             self._cur, self._next = {}, {}
             for f, fn in enumerate(sim.fns):
                 hist = np.concatenate([self.history[f], live[f]])[-self.history_windows :]
-                self._cur[fn.name], self._next[fn.name] = this_and_next(self.forecaster, hist)
+                cur, nxt = this_and_next(self.forecaster, hist)
+                self._cur[fn.name], self._next[fn.name] = live_rate(cur, self.settings), live_rate(nxt, self.settings)
         until_next = sim.w.start_s + (w + 1) * self.window_s - now
         return {n: act_on(c, self._next[n], until_next, self.lead_s) for n, c in self._cur.items()}
 

@@ -6,6 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
+from protocol.states import ARRIVAL_ORDER
+
+STATE_NAMES = tuple(s.value for s in ARRIVAL_ORDER)
+
 
 def measured(sim, warmup_s: float) -> np.ndarray:
     """Indices of requests that count: arrived after the warm-up, and not refused as unfittable (the client's
@@ -33,6 +37,8 @@ def summarize(sim, policy: str, warmup_s: float, wall_s: float) -> dict:
         "slo_attainment": float(np.mean((tt <= slo) & ~np.isnan(sim.first_token[idx]))) if len(tt) else 1.0,
         "throughput_rps": float(done.sum() / span) if span > 0 else 0.0,
         "gpu_seconds": float(sim.gpu_seconds),
+        "hot_or_warm_fraction": float(np.mean(sim.arrival_state[idx] <= 1)) if len(idx) else 1.0,
+        "states": dict(zip(STATE_NAMES, np.bincount(sim.arrival_state[idx], minlength=5).tolist(), strict=True)),
         "unfinished": int((~done).sum()),
         "ttft_mean_s": float(tt.mean()) if len(tt) else 0.0,
         "gpus": sim.n_gpus,

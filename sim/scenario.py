@@ -16,7 +16,7 @@ from protocol.settings import DEFAULTS, Settings
 from sim import policies, sizing, traces
 from sim.cluster import Sim, SimFunction
 from sim.engine_model import EngineModel, Profile
-from sim.models import MODELS
+from sim.models import MODELS, ModelShape
 from sim.report import summarize
 from sim.traces import Workload
 
@@ -49,7 +49,7 @@ class Scenario:
 
 def assemble(
     profile: Profile,
-    models: list[str],
+    models: list[str | ModelShape],
     names: list[str],
     bases: list[traces.Requests],
     traffic: list[traces.Traffic],
@@ -74,19 +74,20 @@ def assemble(
 
 def make_functions(
     profile: Profile,
-    models: list[str],
+    models: list[str | ModelShape],
     names: list[str],
     workload: Workload,
     keep_alive_s: float,
     peak_rps: np.ndarray | None = None,
 ) -> list[SimFunction]:
     """Functions sized from their own requests in `workload` and their recent peak rates (sim/sizing.py): batch,
-    KV pool and capacity."""
+    KV pool and capacity. A model is a name in sim.models.MODELS or a shape (bench/replay.py's checkpoints)."""
     out = []
     for i, (name, model) in enumerate(zip(names, models, strict=True)):
-        if model not in MODELS:
+        if not isinstance(model, ModelShape) and model not in MODELS:
             raise ValueError(f"unknown model {model!r} (have {', '.join(MODELS)})")
-        eng = EngineModel(profile, MODELS[model])
+        shape = model if isinstance(model, ModelShape) else MODELS[model]
+        eng = EngineModel(profile, shape)
         mine = workload.fn == i
         peak = None if peak_rps is None else float(peak_rps[i])
         # An engine that owns its memory (the baselines) batches as far as it fits; warmserve's pool is sized
@@ -96,7 +97,7 @@ def make_functions(
         out.append(
             SimFunction(
                 name=name,
-                model=model,
+                model=shape.name,
                 engine=eng,
                 slo_ttft_s=eng.slo_ttft_s(),
                 capacity_rps=full.capacity_rps,
@@ -111,23 +112,32 @@ def make_functions(
 
 
 def make_policy(name: str, sc: Scenario) -> policies.Policy:
+    return named_policy(name, sc.settings, sc.mean_rps, sc.history)
+
+
+def named_policy(name: str, settings: Settings, mean_rps: np.ndarray, history: np.ndarray) -> policies.Policy:
+    """A policy by name, as the simulator and the live warmer (`warmserve warmer --policy`) both build it. Its
+    keep-alives are divided by `settings.time_scale` (bench/replay.py compresses time; 1 otherwise)."""
+    k = settings.time_scale
     if name.startswith("warmserve"):
         variant = name.removeprefix("warmserve").removeprefix("-")
         if variant and f"warmserve-{variant}" not in ABLATIONS:
             raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES + ABLATIONS)}")
-        return policies.WarmServe(sc.history, sc.settings, policies.Ablation.named(variant))
+        # its measured rate spans 30 s of real time, at least a second of a compressed clock
+        rate_window_s = max(1.0, 30.0 / k)
+        return policies.WarmServe(history, settings, policies.Ablation.named(variant), rate_window_s)
     if name == "ondemand":
-        return policies.OnDemand()
+        return policies.OnDemand(keep_alive_s=60.0 / k)
     if name == "ondemand-tuned":
-        return policies.OnDemand(keep_alive_s=policies.TUNED_KEEP_ALIVE_S, name="ondemand-tuned")
+        return policies.OnDemand(keep_alive_s=policies.TUNED_KEEP_ALIVE_S / k, name="ondemand-tuned")
     if name == "serverlessllm":
         return policies.serverlessllm()
     if name == "ollama":
-        return policies.Ollama()
+        return policies.Ollama(keep_alive_s=300.0 / k)
     if name == "static":
-        return policies.Static(sc.mean_rps)
+        return policies.Static(mean_rps)
     if name == "always-warm":
-        return policies.AlwaysWarm(sc.mean_rps)
+        return policies.AlwaysWarm(mean_rps)
     raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES + ABLATIONS)}")
 
 
@@ -138,9 +148,12 @@ def recent_peak_rps(history: np.ndarray, window_s: int, days: float = 1.0) -> np
     return recent.max(axis=1) / window_s if recent.size else np.zeros(len(history))
 
 
-def run_policy(sc: Scenario, name: str, sample_s: float = 10.0) -> tuple[Sim, dict]:
-    """Simulate one policy; returns the finished Sim and its summary (sim/report.py)."""
-    pol = make_policy(name, sc)
+def run_policy(
+    sc: Scenario, name: str, sample_s: float = 10.0, max_drain_s: float = 1800.0, policy: policies.Policy | None = None
+) -> tuple[Sim, dict]:
+    """Simulate one policy (`policy`, or the one `name` builds); returns the finished Sim and its summary
+    (sim/report.py). A request unanswered `max_drain_s` after the last arrival counts with its wait until then."""
+    pol = policy or make_policy(name, sc)
     nodes = sc.n_nodes
     if name == "always-warm":  # its own GPUs: as many nodes as its dedicated replicas need
         need = policies.AlwaysWarm.gpus_needed(sc.functions, sc.mean_rps)
@@ -154,6 +167,7 @@ def run_policy(sc: Scenario, name: str, sample_s: float = 10.0) -> tuple[Sim, di
         sc.gpus_per_node,
         pol,
         sample_s=sample_s,
+        max_drain_s=max_drain_s,
         host_preload=[int(f) for f in order],  # most popular first, as many as fit in host memory
     )
     t0 = time.perf_counter()

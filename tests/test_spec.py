@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
 from functions.spec import FunctionSpec, SpecError, examples_dir, load_file, parse_yaml
@@ -126,3 +127,67 @@ def test_footprint_is_what_the_memory_pool_reserves(tiny_model, tmp_path):
         assert host.report()["models"]["a"]["weight_bytes"] == size.weight_bytes
         # K and V, 2 layers, 2 KV heads of 16, 128 tokens, 8 sequences
         assert size.kv_bytes == 2 * 2 * 2 * 16 * factor * 128 * 8
+
+
+SEVERAL = """
+name: Bad Name
+model: {model}
+engine: vllm
+dtype: int4
+max_model_len: 0
+gpus: 2
+scaling: {{max_instances: 0, keepalive: 3}}
+slo: {{ttft_ms: fast}}
+"""
+SEVERAL_FIELDS = [
+    "gpus", "name", "engine", "dtype", "max_model_len", "scaling.keepalive", "scaling.max_instances", "slo.ttft_ms"
+]  # fmt: skip
+
+
+def test_a_spec_with_several_mistakes_reports_all_of_them(tiny_model):
+    with pytest.raises(SpecError) as err:
+        parse_yaml(SEVERAL.format(model=tiny_model), source="f.yaml")
+    assert [f for f, _ in err.value.problems] == SEVERAL_FIELDS
+    assert (err.value.field, err.value.reason) == err.value.problems[0]
+    assert str(err.value).startswith("f.yaml: field 'gpus': unknown field")
+    assert all(f"field '{f}'" in str(err.value) for f in SEVERAL_FIELDS)
+
+
+def test_a_missing_model_is_one_problem_not_several(tmp_path):
+    """Checks that need the model's files are skipped when it can't be read, instead of failing in turn."""
+    with pytest.raises(SpecError) as err:
+        parse_yaml(f"name: a\nmodel: {tmp_path / 'nope'}\nscaling: {{max_queue: 0}}")
+    assert [f for f, _ in err.value.problems] == ["model", "scaling.max_queue"]
+
+
+def test_an_error_lists_a_bounded_number_of_problems(tiny_model):
+    text = f"name: a\nmodel: {tiny_model}\n" + "".join(f"k{i}: 1\n" for i in range(200))
+    with pytest.raises(SpecError) as err:
+        parse_yaml(text)
+    assert len(err.value.problems) == 200
+    assert str(err.value).endswith("; and 190 more problems") and len(str(err.value)) < 2000
+
+
+def test_the_gateway_400_names_every_field(redis_url, tiny_model):
+    from gateway_inproc import FAST, AppClient, db_url
+
+    from gateway.app import create_app
+
+    client = AppClient(create_app(db_url(redis_url, 13), FAST))
+    try:
+        resp = client.request(
+            "POST", "/functions", content=SEVERAL.format(model=tiny_model), headers={"content-type": "text/yaml"}
+        )
+    finally:
+        client.close()
+    assert resp.status_code == 400
+    error = resp.json()["error"]
+    assert error["param"] == "gpus"
+    assert all(f"field '{f}'" in error["message"] for f in SEVERAL_FIELDS), error["message"]
+
+
+def test_a_stored_entry_without_max_model_len_is_refused(tiny_model):
+    stored = orjson.dumps({"name": "a", "model": str(tiny_model)})  # not a spec we wrote: to_json has every field
+    with pytest.raises(SpecError) as err:
+        FunctionSpec.from_json(stored)
+    assert err.value.problems == [("max_model_len", "must be an integer, got None")]

@@ -35,7 +35,7 @@ from protocol.settings import Settings
 from protocol.states import ControlAction, ModelState
 from worker import control
 from worker.process import Worker
-from worker.streamer import hold_back
+from worker.publisher import hold_back
 
 FN = "inproc"
 FAST = Settings(heartbeat_s=0.2, heartbeat_timeout_s=1.0, registry_check_s=0.1)
@@ -87,6 +87,10 @@ def answer(r, rid: str, timeout_s: float = 60.0) -> list:
     raise TimeoutError(f"no complete answer for {rid}; got {events}")
 
 
+def events_so_far(r, rid: str) -> list:
+    return [ev for _, f in r.xrange(keys.response(rid)) for ev in decode_events(f)]
+
+
 def queue_empty(r, name: str = FN) -> bool:
     return r.xlen(keys.invocations(name)) == 0 and r.xpending(keys.invocations(name), keys.GROUP)["pending"] == 0
 
@@ -130,15 +134,15 @@ def test_malformed_entry_is_dropped_and_counted(r, worker, tiny_model):
 
 
 def test_cancel_stops_generation_and_frees_the_entry(r, worker, slow_model):
-    deploy(r, slow_model)
+    deploy(r, slow_model, max_model_len=1024)
     worker.apply_control(ControlAction.ACTIVATE, FN)
-    rid = invoke(r, [1, 2, 3], max_tokens=200, ignore_eos=True)
-    wait_for(lambda: r.xlen(keys.response(rid)) >= 3, 30, "the first tokens")
+    rid = invoke(r, [1, 2, 3], max_tokens=1000, ignore_eos=True)  # far longer than the cancel takes
+    wait_for(lambda: len(events_so_far(r, rid)) >= 3, 30, "the first tokens")
     r.publish(keys.CANCEL_CHANNEL, rid)
     wait_for(lambda: not worker.running.all(), 10, "the cancelled request to leave the worker")
     wait_for(lambda: queue_empty(r), 10, "the cancelled invocation to be acknowledged")
-    events = [ev for _, f in r.xrange(keys.response(rid)) for ev in decode_events(f)]
-    assert not any(isinstance(e, Done) for e in events) and len(events) < 200
+    events = events_so_far(r, rid)
+    assert not any(isinstance(e, Done) for e in events) and len(events) < 1000
     assert worker.counters.snapshot()["cancelled"] == 1
 
 
@@ -167,7 +171,7 @@ def test_a_busy_model_is_not_moved_down(r, worker, slow_model):
     deploy(r, slow_model, max_model_len=1024)
     worker.apply_control(ControlAction.ACTIVATE, FN)
     rid = invoke(r, [1, 2, 3], max_tokens=1000, ignore_eos=True)  # far longer than the drain wait
-    wait_for(lambda: r.xlen(keys.response(rid)) >= 2, 30, "the request to start")
+    wait_for(lambda: len(events_so_far(r, rid)) >= 2, 30, "the request to start")
     with pytest.raises(RuntimeError, match="running requests"):
         worker.apply_control(ControlAction.EVICT, FN)
     assert worker.models.state(FN) == ModelState.HOT
@@ -176,10 +180,10 @@ def test_a_busy_model_is_not_moved_down(r, worker, slow_model):
 
 
 def test_redeploy_with_another_model_ends_running_requests(r, worker, slow_model, tiny_model):
-    deploy(r, slow_model)
+    deploy(r, slow_model, max_model_len=1024)
     worker.apply_control(ControlAction.ACTIVATE, FN)
-    rid = invoke(r, [1, 2, 3], max_tokens=200, ignore_eos=True)
-    wait_for(lambda: r.xlen(keys.response(rid)) >= 2, 30, "the request to start")
+    rid = invoke(r, [1, 2, 3], max_tokens=1000, ignore_eos=True)  # far longer than the redeploy takes
+    wait_for(lambda: len(events_so_far(r, rid)) >= 2, 30, "the request to start")
     deploy(r, tiny_model)
     last = answer(r, rid)[-1]
     assert isinstance(last, Failed) and last.status == 410 and "redeployed" in last.message
@@ -210,7 +214,7 @@ def test_broken_model_files_are_a_5xx_naming_the_function(r, worker, tiny_model,
     rid = invoke(r, [1, 2])
     # a COLD model's stream is not read by the consumer: hand the entry to the worker as an activating read would
     ((_, [(entry_id, fields)]),) = r.xreadgroup(keys.GROUP, "wa", {keys.invocations(FN): ">"}, count=1)
-    worker.streamer.start(keys.invocations(FN), entry_id, fields)
+    worker.streamer.start(keys.invocations(FN), [(entry_id, fields)])
     last = answer(r, rid)[-1]
     assert isinstance(last, Failed) and last.status == 500
     assert f"function '{FN}'" in last.message and "truncated" in last.message
@@ -253,3 +257,50 @@ def test_gateway_and_warmer_never_import_torch():
         "assert not any(m == 'torch' or m.startswith('torch.') for m in sys.modules), 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_n_sequences_stream_with_logprobs_and_end_with_one_done_each(r, worker, tiny_model):
+    deploy(r, tiny_model)
+    worker.apply_control(ControlAction.PREWARM, FN)
+    prompt = [1, 5, 9, 14]
+    sampling = dict(max_tokens=5, temperature=1.0, seed=7, ignore_eos=True)
+    rid = invoke(r, prompt, n=2, logprobs=2, prompt_logprobs=1, **sampling)
+    alone = invoke(r, prompt, **{**sampling, "seed": 8})  # what sequence 1 (seed + 1) must repeat
+    wait_for(lambda: queue_empty(r), 60, "both answers to be acknowledged")  # only once every sequence is done
+    events = events_so_far(r, rid)
+    start = events[0]
+    assert isinstance(start, Start) and len(start.prompt_logprobs) == len(prompt)
+    assert start.prompt_logprobs[0] == (None, ())
+    assert all(lp <= 0 and len(top) == 1 for lp, top in start.prompt_logprobs[1:])
+    dones = {e.index: e for e in events if isinstance(e, Done)}
+    assert sorted(dones) == [0, 1]
+    tokens = {i: [e for e in events if isinstance(e, Token) and e.index == i] for i in (0, 1)}
+    for i, toks in tokens.items():
+        assert [t.pos for t in toks] == list(range(5))
+        assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in toks)
+        assert all(t.top_logprobs[0][1] >= t.logprob - 1e-6 for t in toks)  # best first
+        assert (dones[i].finish_reason, dones[i].completion_tokens) == (FinishReason.LENGTH, 5)
+        assert dones[i].cumulative_logprob == pytest.approx(sum(t.logprob for t in toks), abs=1e-4)
+    repeated = [e for e in events_so_far(r, alone) if isinstance(e, Token)]
+    assert [t.id for t in repeated] == [t.id for t in tokens[1]]
+    assert all(t.logprob is None and not t.top_logprobs for t in repeated)
+
+
+def test_a_stop_string_ends_only_its_own_sequence(r, worker, tiny_model):
+    deploy(r, tiny_model)
+    worker.apply_control(ControlAction.PREWARM, FN)
+    prompt = [1, 5, 9, 14]
+    sampling = dict(max_tokens=12, temperature=1.0, ignore_eos=True)
+    free = invoke(r, prompt, n=2, seed=3, **sampling)
+    wait_for(lambda: queue_empty(r), 60, "the free answer")
+    texts = {
+        i: "".join(e.text for e in events_so_far(r, free) if isinstance(e, Token) and e.index == i) for i in (0, 1)
+    }
+    stop = next(texts[0][k : k + 2] for k in range(2, len(texts[0]) - 2) if texts[0][k : k + 2] not in texts[1])
+    cut = invoke(r, prompt, n=2, seed=3, stop=(stop,), **sampling)
+    wait_for(lambda: queue_empty(r), 60, "the stopped answer")
+    events = events_so_far(r, cut)
+    dones = {e.index: e.finish_reason for e in events if isinstance(e, Done)}
+    assert dones == {0: FinishReason.STOP, 1: FinishReason.LENGTH}
+    assert "".join(e.text for e in events if isinstance(e, Token) and e.index == 0) == texts[0][: texts[0].find(stop)]
+    assert "".join(e.text for e in events if isinstance(e, Token) and e.index == 1) == texts[1]

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from protocol.settings import DEFAULTS
+from protocol.settings import DEFAULTS, Settings
 
 DAY_S = 86_400
 # Add-one in log space: counts of 0 stay finite, and a window of 1 vs 3 requests is a small error, not 200 %.
@@ -275,6 +275,19 @@ def make_forecaster(method: str, window_s: int = DEFAULTS.window_s, **kw) -> For
         return _METHODS[method](window_s=window_s, **kw)
     except TypeError as e:
         raise ValueError(f"bad option for forecast method {method!r}: {e}") from None
+
+
+def for_settings(settings: Settings) -> Forecaster:
+    """The forecaster a warmer with `settings` runs. Under a time scale k (bench/replay.py: a day lasts 86400/k s)
+    it is built for windows of window_s * k, so its daily and weekly periods still span a day of windows; its
+    predictions are then per uncompressed second, and `live_rate` converts them."""
+    return make_forecaster(settings.forecast_method, window_s=round(settings.window_s * settings.time_scale))
+
+
+def live_rate(p: Prediction, settings: Settings) -> Prediction:
+    """A prediction of `for_settings`'s forecaster in requests per second of the (possibly compressed) clock."""
+    k = settings.time_scale
+    return p if k == 1 else Prediction(p.mean * k, p.peak * k)
 
 
 def _validate(history) -> np.ndarray:

@@ -26,7 +26,7 @@ from protocol.messages import WorkerInfo
 from protocol.settings import Settings
 from protocol.states import ControlAction, ModelState
 from warmer import cluster
-from warmer.forecast import Prediction, act_on, make_forecaster, this_and_next
+from warmer.forecast import Prediction, act_on, for_settings, live_rate, this_and_next
 from warmer.placement import plan
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class Warmer:
         self.r = r
         self.settings = settings or Settings.from_env()
         self.registry = Registry(r)
-        self.forecaster = make_forecaster(self.settings.forecast_method, window_s=self.settings.window_s)
+        self.forecaster = for_settings(self.settings)
         self.predictions: dict[str, tuple[Prediction, Prediction]] = {}
         self.predicted_window = -1
 
@@ -116,7 +116,10 @@ class Warmer:
             }
             self.predicted_window = window
         until_next = (window + 1) * s.window_s - now
-        return {fn: act_on(cur, nxt, until_next, s.lead_s) for fn, (cur, nxt) in self.predictions.items()}
+        return {
+            fn: act_on(live_rate(cur, s), live_rate(nxt, s), until_next, s.lead_s)
+            for fn, (cur, nxt) in self.predictions.items()
+        }
 
     def loads(self, names: list[str], workers: list[WorkerInfo], now: float) -> dict[str, cluster.Load]:
         out = {}
@@ -162,8 +165,15 @@ class Warmer:
         return out
 
 
-def run_warmer(redis_url: str, settings: Settings | None = None) -> None:
-    warmer = Warmer(redis.Redis.from_url(redis_url), settings)
+def run_warmer(redis_url: str, settings: Settings | None = None, policy: str = "warmserve") -> None:
+    """Plan forever with `policy`: warmserve (this loop), or one of the simulator's baselines
+    (warmer/baselines.py), which then also decide the cold path: the gateway's router leaves it to them."""
+    r = redis.Redis.from_url(redis_url)
+    if policy != "warmserve":
+        from warmer.baselines import run_baseline  # it builds on this module
+
+        return run_baseline(r, policy, settings or Settings.from_env())
+    warmer = Warmer(r, settings)
     interval_s = warmer.settings.warmer_interval_s
     log.info("warmer planning every %.1f s with the %s forecaster", interval_s, warmer.settings.forecast_method)
     while True:

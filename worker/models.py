@@ -25,6 +25,7 @@ from gpu_runtime.tokenizer import Tokenizer
 from protocol.messages import SamplingParams
 from protocol.settings import Settings
 from protocol.states import ControlAction, ModelState
+from worker.fairlock import FairLock
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ class ServingEngine(Protocol):
     """What the worker needs of an engine (the builtin `Engine` and the `ReferenceEngine` both are one)."""
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None: ...
-    def abort(self, request_id: str) -> None: ...
+    def abort(self, request_id: str, index: int | None = None) -> None: ...
     def has_unfinished(self) -> bool: ...
     def step(self) -> list: ...
 
@@ -146,14 +147,14 @@ class Models:
         self.pooled = PooledModels(host or ModelHost(device=device, **memory), settings)
         self.reference = ReferenceModels(device)
         self._lock = threading.Lock()
-        self._fn_locks: dict[str, threading.RLock] = {}
+        self._fn_locks: dict[str, FairLock] = {}  # fair: see worker/fairlock.py
         self._moving: set[str] = set()  # functions a transition is moving right now (reported LOADING)
         self._engines: dict[str, ServingEngine] = {}  # function -> HOT engine: the hot path never asks the pool
         self._tokenizers: dict[str, Tokenizer] = {}  # by serving identity, so a redeploy loads the new one
 
-    def lock(self, function: str) -> threading.RLock:
+    def lock(self, function: str) -> FairLock:
         with self._lock:
-            return self._fn_locks.setdefault(function, threading.RLock())
+            return self._fn_locks.setdefault(function, FairLock())
 
     def backend(self, spec: FunctionSpec) -> Backend:
         return self.reference if spec.engine == "transformers" else self.pooled

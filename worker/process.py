@@ -4,9 +4,9 @@ Threads, and why each exists:
 - main: RQ SimpleWorker on this worker's control queue (RQ installs signal handlers, so it must be the main
   thread); control jobs move models between COLD/HOST/WARM/HOT through `Models`;
 - consumer: reads invocations of every function this worker holds WARM/HOT and re-claims orphans;
-- engine: steps every HOT engine that has work (`Streamer`);
-- publisher: detokenizes what the engines produced and writes it to the answer streams, while the engine thread
-  computes the next step;
+- engine: steps every HOT engine that has work and sends the outputs to the publisher process (`Streamer`);
+- feedback: hears from the publisher process (worker/publisher.py: detokenizing, stop strings, writing answers and
+  acknowledging invocations, off this process's GIL) which requests are done and which a stop string ended;
 - heartbeat: refreshes liveness and the WorkerInfo the router, warmer and `warmserve status` read;
 - cancels: aborts requests whose client went away.
 A Redis outage stops none of them: a worker started while Redis is down waits for it, and every thread (the
@@ -43,6 +43,7 @@ from protocol.states import ControlAction, ModelState
 from worker import control
 from worker.consumer import Consumer
 from worker.models import Models, identity
+from worker.publisher import PublisherProcess
 from worker.running import Counters, RunningTable
 from worker.streamer import Streamer
 
@@ -82,6 +83,7 @@ class Worker:
         self.stopping = threading.Event()
         self.started = time.time()
         self.threads: list[threading.Thread] = []
+        self.publisher: PublisherProcess | None = None
 
     # ---- control jobs (RQ main thread) ----
     def apply_control(self, action: ControlAction, function: str) -> ModelState:
@@ -171,8 +173,8 @@ class Worker:
     def step_once(self) -> None:
         self.streamer.step_once()
 
-    def publish_once(self) -> None:
-        self.streamer.publish_once()
+    def feedback_once(self) -> None:
+        self.streamer.feedback_once()
 
     def cancels_once(self) -> None:
         self.consumer.listen_cancels(self.stopping)
@@ -218,9 +220,10 @@ class Worker:
         self.refresh_specs()
         self.publish_info()
         log.info("worker %s on %s registered (redis %s)", self.worker_id, self.device, self.redis_url)
+        self.streamer.publisher = self.publisher = PublisherProcess(self.redis_url, self.settings, self.worker_id)
         self.threads = [
             threading.Thread(target=self.forever, args=(body,), name=body.__name__, daemon=True)
-            for body in (self.heartbeat_once, self.consume_once, self.step_once, self.publish_once, self.cancels_once)
+            for body in (self.heartbeat_once, self.consume_once, self.step_once, self.feedback_once, self.cancels_once)
         ]
         for t in self.threads:
             t.start()
@@ -230,6 +233,8 @@ class Worker:
         self.stopping.set()
         for t in self.threads:
             t.join(timeout=5)
+        if self.publisher is not None:
+            self.publisher.stop()  # after the engine thread: everything it produced is written first
         try:
             self.r.zrem(keys.WORKERS, self.worker_id)
             self.r.delete(keys.worker(self.worker_id))

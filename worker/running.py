@@ -16,18 +16,27 @@ from protocol.messages import Event, Invocation
 
 
 @dataclass
+class Choice:
+    """One of a request's n sequences as it is streamed: its own text, positions and end."""
+
+    decoder: IncrementalDecoder
+    text: str = ""  # everything decoded so far (for stop strings)
+    sent_chars: int = 0  # how much of `text` has been turned into events
+    pos: int = 0
+    finished: bool = False
+
+
+@dataclass
 class Running:
     """One invocation being generated here."""
 
     inv: Invocation
     entry_id: bytes
-    decoder: IncrementalDecoder | None = None  # None for a request that failed before it started
-    text: str = ""  # everything decoded so far (for stop strings)
-    sent_chars: int = 0  # how much of `text` has been turned into events
-    pos: int = 0
+    choices: list[Choice] = field(default_factory=list)  # one per sequence; none for a request failed before start
+    start_pending: bool = False  # Start carries the prompt's logprobs (echo), which come with the first output
     started: float = field(default_factory=time.time)
     outbox: list[Event] = field(default_factory=list)  # events not yet written to Redis
-    finished: bool = False
+    finished: bool = False  # every choice finished, or the request failed
     answered: bool = False  # the whole answer is on its stream: acknowledge (again, if Redis failed the last try)
 
 

@@ -1,46 +1,30 @@
-"""Turning invocations into answers: start a request on its model's engine, step the engines, detokenize, cut
-at stop strings, and write each request's events to its answer stream.
-
-An invocation leaves its function's stream (XACK + XDEL) only after its whole answer is on the answer stream, so
-a worker that dies mid-answer leaves it pending for another worker to claim. Events wait in a per-request outbox
-until one pipelined write succeeds: if Redis fails, they go with the next flush and no position is skipped.
+"""Turning invocations into answers: start a request on its model's engine, step the engines, and hand what they
+produce to the publisher process (worker/publisher.py), which detokenizes, cuts at stop strings, writes each
+request's events to its answer stream and acknowledges the invocation once its whole answer is written, so a
+worker that dies mid-answer leaves it pending for another worker to claim.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
-from collections import deque
 from collections.abc import Callable
 
 import redis
 
 from functions.spec import FunctionSpec
 from gpu_runtime.memory import HostCacheFull, ModelLoadError, ModelTooLarge, PoolExhausted
-from gpu_runtime.tokenizer import IncrementalDecoder
 from modelinfo import ModelFileError
 from protocol import keys
 from protocol.errors import NotDeployed, RequestError
-from protocol.messages import Done, Failed, FinishReason, Invocation, Start, Token, encode_events
+from protocol.messages import Failed, Invocation
 from protocol.settings import Settings
 from worker.models import Models, ServingEngine
+from worker.publisher import Acked, Fail, Forget, Produced, PublisherProcess, Started, StopEngine
 from worker.running import Counters, Running, RunningTable
 
 log = logging.getLogger(__name__)
-# With nothing produced, the publisher still flushes this often: outboxes a failed write left behind (a Redis
-# outage) and acknowledgements are retried on that beat.
-PUBLISH_IDLE_S = 0.05
-
-
-def hold_back(text: str, stops: tuple[str, ...]) -> int:
-    """Length of `text`'s tail that could still grow into a stop string, so it must not be streamed yet."""
-    keep = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:n]):
-                keep = max(keep, n)
-                break
-    return keep
 
 
 def failure(function: str, exc: Exception) -> Failed:
@@ -72,42 +56,73 @@ class Streamer:
         self.running = running
         self.counters = counters
         self.spec = spec
+        self.publisher: PublisherProcess  # started with the worker's threads (Worker.start)
         self.work = threading.Event()  # set when a request starts, so an idle engine loop wakes at once
-        self.produced: deque[list] = deque()  # engine outputs the publisher has not turned into events
-        self.outputs_ready = threading.Event()
         self.prefix_seen: dict[str, tuple[int, int, int]] = {}  # function -> (id of its engine, hit, query) counted
 
     # ---- starting ----
-    def start(self, stream: str, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
-        """Begin generating one invocation; whatever goes wrong is answered to its client, never raised."""
-        try:
-            inv = Invocation.from_fields(fields)
-        except (KeyError, ValueError, TypeError) as exc:
-            log.error("dropping malformed invocation %s on %s: %s", entry_id, stream, exc)
-            self.counters.add("malformed")
-            self.drop_entry(stream, entry_id)
-            return
-        run = Running(inv, entry_id)
-        if not self.running.add(run):
-            self.drop_duplicate(stream, entry_id, inv.request_id)
-            return
-        spec = self.spec(inv.function)
+    def start(self, stream: str, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        """Begin generating the invocations of one read; whatever goes wrong is answered to its client, never
+        raised. All of a function's new requests join its engine under one hold of its lock: the engine thread
+        steps between holds, so starting a read of 64 one at a time would take 64 steps."""
+        runs: dict[str, list[Running]] = {}
+        for entry_id, fields in entries:
+            try:
+                inv = Invocation.from_fields(fields)
+            except (KeyError, ValueError, TypeError) as exc:
+                log.error("dropping malformed invocation %s on %s: %s", entry_id, stream, exc)
+                self.counters.add("malformed")
+                self.drop_entry(stream, entry_id)
+                continue
+            run = Running(inv, entry_id)
+            if self.running.add(run):
+                runs.setdefault(inv.function, []).append(run)
+            else:
+                self.drop_duplicate(stream, entry_id, inv.request_id)
+        for function, batch in runs.items():
+            self.start_function(function, batch)
+        if runs:
+            self.work.set()
+
+    def start_function(self, function: str, runs: list[Running]) -> None:
+        spec = self.spec(function)
         if spec is None:
-            self.fail(run, failure(inv.function, NotDeployed(f"function '{inv.function}' is not deployed")))
+            for run in runs:
+                self.refuse(run, failure(function, NotDeployed(f"function '{function}' is not deployed")))
             return
+        started = 0
         try:
             with self.models.lock(spec.name):
                 engine = self.models.engine_for_request(spec)
-                run.decoder = IncrementalDecoder(self.models.tokenizer(spec), list(inv.prompt_ids))
-                engine.add_request(inv.request_id, list(inv.prompt_ids), inv.sampling)
+                self.models.tokenizer(spec)  # a broken tokenizer fails here, by cause, not in the publisher
+                for run in runs:
+                    self.start_one(spec, engine, run)
+                    started += 1
         except Exception as exc:  # a model that can't load fails its requests, not the worker
             answer = failure(spec.name, exc)
             if answer.status >= 500:
-                log.exception("cannot start %s on %s", inv.request_id, inv.function)
-            self.fail(run, answer)
+                log.exception("cannot start %d requests on %s", len(runs) - started, spec.name)
+            for run in runs[started:]:
+                self.refuse(run, answer)
+
+    def start_one(self, spec: FunctionSpec, engine: ServingEngine, run: Running) -> None:
+        """Add one request to its engine (the caller holds the model's lock, so the engine cannot step it before
+        the publisher knows it); a request the engine refuses is answered alone."""
+        inv = run.inv
+        try:
+            engine.add_request(inv.request_id, list(inv.prompt_ids), inv.sampling)
+        except Exception as exc:
+            answer = failure(spec.name, exc)
+            if answer.status >= 500:
+                log.exception("cannot start %s on %s", inv.request_id, spec.name)
+            self.refuse(run, answer)
             return
-        self.write(run, [Start(self.worker_id, len(inv.prompt_ids))], finished=False)
-        self.work.set()
+        self.publisher.send(Started(inv, run.entry_id, spec.model))
+
+    def refuse(self, run: Running, answer: Failed) -> None:
+        """Fail a request that never started: no Start event, so the client gets the failure's HTTP status."""
+        self.publisher.send(Started(run.inv, run.entry_id, None))
+        self.fail(run, answer)
 
     def drop_duplicate(self, stream: str, entry_id: bytes, request_id: str) -> None:
         """Already generating this request: the same entry claimed twice (keep it), or a second entry a gateway
@@ -119,10 +134,8 @@ class Streamer:
 
     # ---- generating ----
     def step_once(self) -> None:
-        """Step every HOT engine that has work once (round robin over models) and hand their outputs to the
-        publisher. Detokenizing and writing to Redis happen on the publisher thread, so the device computes the
-        next step while the last one's tokens are published (done inline, they left the GPU idle for a few
-        milliseconds of Python per step at a few hundred streams)."""
+        """Step every HOT engine that has work once (round robin over models) and hand the outputs to the
+        publisher process, so the next step starts while the last one's tokens are detokenized and written."""
         busy = False
         for fn in {run.inv.function for run in self.running.all()}:
             with self.models.lock(fn):
@@ -137,21 +150,28 @@ class Streamer:
                     self.fail_function(fn, Failed(500, f"function '{fn}': engine failure: {exc}"))
                     continue
                 self.count_prefix_cache(fn, engine)
-            if outs:
-                self.produced.append(outs)
-                self.outputs_ready.set()
+                if outs:  # sent under the model's lock, so after the Started of every request in it
+                    self.publisher.send(Produced(outs))
         if not busy:
             self.work.wait(0.01 if self.running.all() else 0.05)
             self.work.clear()
 
-    def publish_once(self) -> None:
-        """Turn everything the engines produced since the last round into events and write them in one round
-        trip. When the publisher falls behind, its rounds simply grow: more tokens per entry, fewer entries."""
-        self.outputs_ready.wait(PUBLISH_IDLE_S)
-        self.outputs_ready.clear()
-        while self.produced:
-            self.collect(self.produced.popleft())
-        self.flush()
+    def feedback_once(self, timeout_s: float = 0.5) -> None:
+        """Act on one message of the publisher: a request's answer is written and acknowledged (it leaves the
+        table), or a stop string ended it (the engine stops generating it)."""
+        try:
+            msg = self.publisher.receive(timeout_s)
+        except (EOFError, OSError):
+            # No answer of this worker can be written any more. Leave: the supervisor (`up`, compose) starts it
+            # again and live workers re-deliver what it had claimed.
+            log.critical("worker %s: its publisher process died; exiting", self.worker_id)
+            os._exit(70)
+        if isinstance(msg, Acked):
+            self.running.pop(msg.request_id)
+        elif isinstance(msg, StopEngine):
+            run = self.running.get(msg.request_id)
+            if run is not None:
+                self.abort_in_engine(run, msg.index)
 
     def count_prefix_cache(self, function: str, engine: ServingEngine) -> None:
         """Add the prompt tokens this engine found in its prefix cache (and looked up) since the last step to the
@@ -167,85 +187,7 @@ class Streamer:
             self.counters.add("prefix_cache_query_tokens", query - seen_query)
         self.prefix_seen[function] = (id(engine), hit, query)
 
-    def collect(self, outs: list) -> None:
-        """Turn engine outputs into events in each request's outbox (positions advance here, once)."""
-        for out in outs:
-            run = self.running.get(out.request_id)
-            if run is None or run.finished:
-                continue
-            finished, reason = out.finished, out.finish_reason
-            stops = run.inv.sampling.stop
-            longest = max((len(s) for s in stops), default=0)
-            for tok in out.new_token_ids:
-                run.text += run.decoder.push([tok])
-                start = max(0, run.sent_chars - longest)  # a stop can only begin in the text not yet sent
-                hit = min((i for i in (run.text.find(s, start) for s in stops) if i >= 0), default=-1)
-                if hit >= 0:
-                    run.text, finished, reason = run.text[:hit], True, FinishReason.STOP
-                limit = len(run.text) if finished else len(run.text) - hold_back(run.text, stops)
-                delta = run.text[run.sent_chars : max(limit, run.sent_chars)]
-                run.sent_chars += len(delta)
-                run.outbox.append(Token(run.pos, tok, delta))
-                run.pos += 1
-                if hit >= 0:
-                    break
-            if finished:
-                if not out.finished:  # a stop string ended it: the engine must stop too
-                    self.abort_in_engine(run)
-                if run.sent_chars < len(run.text):
-                    run.outbox.append(Token(run.pos, -1, run.text[run.sent_chars :]))
-                run.outbox.append(Done(reason or FinishReason.STOP, run.pos))
-                run.finished = True
-
-    def flush(self) -> None:
-        """Write every outbox in one round trip, one entry per request; only then are finished invocations
-        acknowledged. When Redis fails, the events go back to their outboxes for the next flush (the gateway
-        skips positions it has) and acks are retried here."""
-        taken = [(run, run.outbox) for run in self.running.all() if run.outbox]
-        for run, _ in taken:
-            run.outbox = []
-        if taken:
-            ttl = self.settings.response_ttl_s
-            try:
-                with self.r.pipeline(transaction=False) as p:
-                    for run, events in taken:
-                        p.xadd(keys.response(run.inv.request_id), encode_events(events))
-                        if run.finished:
-                            p.expire(keys.response(run.inv.request_id), ttl)
-                    p.execute()
-            except redis.RedisError:
-                for run, events in taken:
-                    run.outbox[:0] = events
-                raise
-            for run, _ in taken:
-                run.answered = run.finished and not run.outbox  # a Failed another thread queued meanwhile
-        for run in self.running.all():
-            if run.answered:
-                self.ack(run)
-
     # ---- ending ----
-    def write(self, run: Running, events: list, finished: bool) -> None:
-        """Write events for one request now (outside the engine loop's batching). A final answer Redis refused
-        waits in the outbox for the publisher's next flush (a finished run's outbox is no one else's)."""
-        try:
-            with self.r.pipeline(transaction=False) as p:
-                p.xadd(keys.response(run.inv.request_id), encode_events(events))
-                p.expire(keys.response(run.inv.request_id), self.settings.response_ttl_s)
-                p.execute()
-        except redis.RedisError:
-            if finished:
-                run.outbox.extend(events)
-            raise
-        if finished:
-            run.answered = True
-            self.ack(run)
-
-    def ack(self, run: Running) -> None:
-        """The answer is complete on its stream: only now does the invocation leave the queue (then the table,
-        so a request no longer counted in flight is gone from the queue too)."""
-        self.drop_entry(keys.invocations(run.inv.function), run.entry_id)
-        self.running.pop(run.inv.request_id)
-
     def drop_entry(self, stream: str, entry_id: bytes) -> None:
         with self.r.pipeline() as p:
             p.xack(stream, keys.GROUP, entry_id)
@@ -255,7 +197,7 @@ class Streamer:
     def fail(self, run: Running, answer: Failed) -> None:
         run.finished = True
         self.counters.add(f"failed_{answer.status}")
-        self.write(run, [answer], finished=True)
+        self.publisher.send(Fail(run.inv.request_id, answer))
 
     def fail_function(self, function: str, answer: Failed) -> None:
         """Fail every running request of one function and free them in its engine (caller holds its lock)."""
@@ -263,10 +205,11 @@ class Streamer:
             self.abort_in_engine(run)
             self.fail(run, answer)
 
-    def abort_in_engine(self, run: Running) -> None:
+    def abort_in_engine(self, run: Running, index: int | None = None) -> None:
+        """Stop generating the request (index None: all its sequences) or one of its sequences."""
         engine = self.models.hot_engine(run.inv.function)
         if engine is not None:
-            engine.abort(run.inv.request_id)  # thread-safe: takes effect at the engine's next step
+            engine.abort(run.inv.request_id, index)  # thread-safe: takes effect at the engine's next step
 
     def cancel(self, request_id: str) -> None:
         """The client went away: stop generating and let the invocation go (nobody will read the answer)."""
@@ -274,10 +217,10 @@ class Streamer:
         if run is None:
             return
         self.abort_in_engine(run)
-        run.finished = run.answered = True  # nobody reads the answer: nothing more to write
+        run.finished = True
+        self.publisher.send(Forget(request_id))  # nobody reads the answer: nothing more to write
         self.counters.add("cancelled")
         log.info("cancelled %s (client disconnected)", request_id)
-        self.ack(run)
 
     def retire(self, function: str, why: str) -> None:
         """A function was removed or now names another model: end its requests, then drop its model."""

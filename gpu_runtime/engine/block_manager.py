@@ -99,10 +99,33 @@ class BlockManager:
             seq.num_cached = 0
             seq.num_committed = 0
 
+    def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None:
+        """Give ``child`` (a fresh sequence with ``parent``'s prompt) the parent's prompt KV: full blocks are
+        shared (one more reference each); a partly filled last block is copied, since each sequence writes its
+        own next token into it. Returns (source, destination) of that copy, or None when there is none. Raises
+        RuntimeError when no block is free for the copy (the caller then recomputes the child instead)."""
+        with self.lock:
+            full = parent.num_prompt_tokens // self.block_size
+            partial = parent.num_prompt_tokens % self.block_size != 0
+            if partial and self.num_free < 1:
+                raise RuntimeError("KV cache: no block free to copy a forked sequence's last prompt block")
+            for block in parent.block_table[:full]:
+                self._refs[block] += 1
+                child.block_table.append(block)
+            child.num_cached = parent.num_prompt_tokens
+            child.num_committed = min(full, parent.num_committed)
+            if not partial:
+                return None
+            block = self._take()
+            self._refs[block] = 1
+            child.block_table.append(block)
+            return parent.block_table[full], block
+
     def match(self, seq: Sequence) -> None:
         """Start a sequence holding no blocks on the longest cached prefix of its tokens (sets its block table
-        and ``num_cached``)."""
-        if self.salt is None or seq.block_table:
+        and ``num_cached``). A sequence whose prompt logprobs are still missing is computed whole: those come from
+        every prompt position's logits."""
+        if self.salt is None or seq.block_table or seq.needs_prompt_logits:
             return
         with self.lock:
             hit = 0

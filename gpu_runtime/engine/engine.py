@@ -10,11 +10,14 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
 from gpu_runtime.allocator import Allocator, TorchAllocator
 from gpu_runtime.engine.block_manager import BlockManager
+from gpu_runtime.engine.grammar import GrammarCompiler
+from gpu_runtime.engine.logprobs import prompt_logprobs, token_logprobs
 from gpu_runtime.engine.model import LlamaModel
 from gpu_runtime.engine.model_runner import ModelRunner
 from gpu_runtime.engine.sampler import sample
@@ -26,10 +29,12 @@ from gpu_runtime.engine.sequence import (
     Sequence,
     StepOutput,
     validate_prompt,
+    validate_sampling,
 )
 from gpu_runtime.weights import SERVING_DTYPES as DTYPES
 from gpu_runtime.weights import WeightLayout, load_weights, plan_weights
 from modelinfo.config import ModelConfig, load_model_config
+from protocol.errors import InvalidRequest
 from protocol.messages import FinishReason
 
 log = logging.getLogger(__name__)
@@ -107,11 +112,12 @@ class Engine:
         salt = f"{self.model_dir}:{self.dtype}:{prefix_salt}" if prefix_caching else None
         self.blocks = BlockManager(0, block_size, salt)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, self._grow)
+        self.grammars = GrammarCompiler(model_dir, self.config.vocab_size, self.config.eos_token_ids)
         self.kv_pressure_hook: Callable[[int], int] | None = None
         self._kv_buffer: torch.Tensor | None = None
         self._kv_owned = False
         self.inbox = RequestInbox()
-        self._seqs: dict[str, Sequence] = {}
+        self._seqs: dict[str, list[Sequence]] = {}  # request id -> its live sequences
         if num_kv_blocks is None:
             num_kv_blocks = self._default_kv_blocks(max_num_seqs)
         if num_kv_blocks:
@@ -230,13 +236,21 @@ class Engine:
     # requests ------------------------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request (thread-safe); its tokens come out of ``step``."""
+        """Queue a request (thread-safe); its tokens come out of ``step``, per sequence index with n > 1."""
         validate_prompt(request_id, prompt_ids, self.config.vocab_size, self.max_model_len)
-        self.inbox.add(Sequence(request_id, prompt_ids, params))
+        validate_sampling(request_id, params, self.config.vocab_size)
+        if params.n > self.scheduler.max_num_seqs:
+            raise InvalidRequest(
+                f"request {request_id}: n {params.n} exceeds max_num_seqs {self.scheduler.max_num_seqs}"
+            )
+        seq = Sequence(request_id, prompt_ids, params)
+        seq.grammar = self.grammars.start(params.structured)  # a bad grammar is a 400 here, before queueing
+        self.inbox.add(seq)
 
-    def abort(self, request_id: str) -> None:
-        """Cancel a request (thread-safe); the next ``step`` reports it finished with reason "abort"."""
-        self.inbox.abort(request_id)
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        """Cancel a request, or only its sequence ``index`` (thread-safe); the next ``step`` reports each
+        sequence cancelled finished with reason "abort"."""
+        self.inbox.abort(request_id, index)
 
     def has_unfinished(self) -> bool:
         return self.inbox.has_new() or self.scheduler.has_unfinished()
@@ -250,50 +264,88 @@ class Engine:
             return outputs
         batch, hopeless = self.scheduler.schedule()
         for seq in hopeless:
-            outputs.append(self._finish(seq, FinishReason.LENGTH))
+            outputs += self._finish(seq, FinishReason.LENGTH)
         if batch is None or not batch.chunks:
             return outputs
-        logits = self.runner.run(batch)
-        sampled_seqs = [c.seq for c in batch.chunks if c.samples]
-        tokens = sample(logits, sampled_seqs) if sampled_seqs else []
-        self.scheduler.postprocess(batch, tokens)
-        for seq in sampled_seqs:
+        logits, prompt_hidden = self.runner.execute(batch)
+        for ph in prompt_hidden:
+            prompt_logprobs(self.model.logits, ph.seq, ph.first, ph.hidden)
+        sampled = [c.seq for c in batch.chunks if c.samples]
+        seqs, logits = self._with_forks(sampled, logits) if batch.is_prefill else (sampled, logits)
+        tokens = sample(logits, seqs, self.eos_token_ids) if seqs else []
+        token_logprobs(logits, tokens, seqs)
+        self.scheduler.postprocess(batch, tokens[: len(sampled)])
+        for child, token in zip(seqs[len(sampled) :], tokens[len(sampled) :], strict=True):
+            copy = self.scheduler.fork(self._seqs[child.request_id][0], child, token)
+            if copy is not None:
+                self.runner.copy_block(*copy)
+        for seq in seqs:
             reason = self._stop_reason(seq)
-            new = seq.completion_ids[seq.num_returned :]
-            seq.num_returned = seq.num_completion
             if reason:
-                self.scheduler.remove(seq)
-                self._seqs.pop(seq.request_id, None)
-                seq.finish_reason = reason
-            outputs.append(StepOutput(seq.request_id, new, reason is not None, reason))
+                self._remove(seq, reason)
+            outputs.append(self._output(seq, reason))
         return outputs
+
+    def _with_forks(self, sampled: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
+        """A request with n > 1 samples its n first tokens from index 0's prompt logits (in a prefill batch): its
+        other sequences are forked here and appended, each with a copy of that logits row."""
+        rows, children = list(range(len(sampled))), []
+        for i, seq in enumerate(sampled):
+            if seq.forks_pending:
+                kids = [seq.fork(index) for index in range(1, seq.params.n)]
+                self._seqs[seq.request_id] += kids
+                children += kids
+                rows += [i] * len(kids)
+        if not children:
+            return sampled, logits
+        return sampled + children, logits[torch.tensor(rows, device=logits.device)]
 
     def _take_new_and_aborts(self) -> list[StepOutput]:
         new, aborted = self.inbox.take()
-        outputs = []
         for seq in new:
-            if seq.request_id in aborted:
-                aborted.discard(seq.request_id)
-                outputs.append(StepOutput(seq.request_id, [], True, FinishReason.ABORT))
-                continue
-            self._seqs[seq.request_id] = seq
+            self._seqs[seq.request_id] = [seq]
             self.scheduler.add(seq)
-        for rid in aborted:
-            seq = self._seqs.get(rid)
-            if seq is not None:
-                outputs.append(self._finish(seq, FinishReason.ABORT))
+        outputs = []
+        for rid, index in aborted:
+            for seq in list(self._seqs.get(rid, ())):
+                if index is None or seq.index == index:
+                    outputs += self._finish(seq, FinishReason.ABORT)
         return outputs
 
-    def _finish(self, seq: Sequence, reason: str) -> StepOutput:
+    def _remove(self, seq: Sequence, reason: FinishReason) -> None:
         self.scheduler.remove(seq)
-        self._seqs.pop(seq.request_id, None)
         seq.finish_reason = reason
-        new = seq.completion_ids[seq.num_returned :]
+        group = self._seqs.get(seq.request_id, [])
+        if seq in group:
+            group.remove(seq)
+        if not group:
+            self._seqs.pop(seq.request_id, None)
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> list[StepOutput]:
+        """End ``seq`` early (aborted, or it can never fit); an n > 1 request that never forked ends every
+        index, so each still gets its one finished output."""
+        self._remove(seq, reason)
+        outputs = [self._output(seq, reason)]
+        if seq.forks_pending:
+            outputs += [StepOutput(seq.request_id, [], True, reason, i) for i in range(1, seq.params.n)]
+        return outputs
+
+    def _output(self, seq: Sequence, reason: FinishReason | None) -> StepOutput:
+        """The tokens (and their logprobs) ``seq`` produced since its last output."""
+        out = StepOutput(seq.request_id, seq.completion_ids[seq.num_returned :], reason is not None, reason, seq.index)
+        if seq.index == 0 and seq.num_returned == 0 and not seq.needs_prompt_logits:  # once, and only whole
+            out.prompt_logprobs = seq.prompt_logprobs
         seq.num_returned = seq.num_completion
-        return StepOutput(seq.request_id, new, True, reason)
+        if seq.params.logprobs is not None:
+            out.logprobs, seq.logprobs = seq.logprobs, []
+        if seq.wants_logprobs:
+            out.cumulative_logprob = seq.cumulative_logprob
+        return out
 
     def _stop_reason(self, seq: Sequence) -> FinishReason | None:
         p = seq.params
+        if seq.grammar is not None and seq.grammar.advance(seq.completion_ids):
+            return FinishReason.STOP  # the grammar is complete and can't go on
         last = seq.token_ids[-1]
         if last in p.stop_token_ids or (not p.ignore_eos and last in self.config.eos_token_ids):
             return FinishReason.STOP
@@ -304,22 +356,28 @@ class Engine:
     def generate(
         self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
     ) -> list[RequestOutput]:
-        """Run prompts to completion (continuous batching across them); outputs in prompt order."""
+        """Run prompts to completion (continuous batching across them); outputs in prompt order (with n > 1,
+        sequence 0's, every sequence in ``sequences``)."""
         params = params or SamplingParams()
         plist = params if isinstance(params, list) else [params] * len(prompts)
         ids = [f"gen-{uuid.uuid4().hex[:12]}" for _ in prompts]
-        results = {rid: RequestOutput(rid, list(p), [], None) for rid, p in zip(ids, prompts, strict=True)}
+        results = {
+            rid: [RequestOutput(rid, list(prompt), [], None) for _ in range(p.n)]
+            for rid, prompt, p in zip(ids, prompts, plist, strict=True)
+        }
         for rid, prompt, p in zip(ids, prompts, plist, strict=True):
             self.add_request(rid, prompt, p)
-        pending = set(ids)
+        pending = {(rid, i) for rid, p in zip(ids, plist, strict=True) for i in range(p.n)}
         while pending:
             for out in self.step():
                 if out.request_id in results:
-                    results[out.request_id].token_ids += out.new_token_ids
+                    _merge(results[out.request_id][out.index], out)
                     if out.finished:
-                        results[out.request_id].finish_reason = out.finish_reason
-                        pending.discard(out.request_id)
-        return [results[rid] for rid in ids]
+                        pending.discard((out.request_id, out.index))
+        return [
+            replace(results[rid][0], sequences=results[rid]) if len(results[rid]) > 1 else results[rid][0]
+            for rid in ids
+        ]
 
     def release(self) -> None:
         """Give buffers the engine allocated (KV; weights too after from_pretrained) back to the allocator."""
@@ -328,3 +386,15 @@ class Engine:
             self._weights_owned = False
             self.model = self.runner = None
             self.allocator.release(self._weights)
+
+
+def _merge(result: RequestOutput, out: StepOutput) -> None:
+    result.token_ids += out.new_token_ids
+    if out.logprobs is not None:
+        result.logprobs = (result.logprobs or []) + out.logprobs
+    if out.cumulative_logprob is not None:
+        result.cumulative_logprob = out.cumulative_logprob
+    if out.prompt_logprobs is not None:
+        result.prompt_logprobs = out.prompt_logprobs
+    if out.finished:
+        result.finish_reason = out.finish_reason

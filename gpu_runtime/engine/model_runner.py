@@ -14,15 +14,28 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
 from gpu_runtime.engine.attention import AttnMeta, PrefillSeq
 from gpu_runtime.engine.model import LlamaModel
 from gpu_runtime.engine.scheduler import Batch
+from gpu_runtime.engine.sequence import Sequence
 from modelinfo.config import ModelConfig
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class PromptHidden:
+    """Final hidden states of ``seq``'s prompt positions ``first``, ``first + 1``, ... (each scores the next
+    prompt token); logits are taken from them in slices, never for a whole long prompt at once."""
+
+    seq: Sequence
+    first: int
+    hidden: torch.Tensor
+
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 # Beyond 2048 tokens even a 1B model's prefill is GPU-bound, so larger prompts run eagerly.
@@ -46,6 +59,7 @@ class ModelRunner:
         self.block_size = block_size
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.kv_blocks: torch.Tensor | None = None  # the whole cache, one row per block (for block copies)
         self.kv_key: tuple[int, int] | None = None
         # Slot indices: int32 for the Triton kernels on CUDA, int64 for torch indexing on CPU.
         self._index_dtype = torch.int32 if device.type == "cuda" else torch.long
@@ -69,7 +83,7 @@ class ModelRunner:
     def set_kv(self, buffer: torch.Tensor | None, num_blocks: int) -> None:
         """Carve per-layer K/V views from a block-major uint8 buffer (None: drop them)."""
         if buffer is None:
-            self.kv_caches, self.kv_key = [], None
+            self.kv_caches, self.kv_blocks, self.kv_key = [], None, None
             return
         c = self.cfg
         shape = (num_blocks, c.num_hidden_layers, 2, self.block_size, c.num_key_value_heads, c.head_dim)
@@ -78,26 +92,37 @@ class ModelRunner:
             n *= x
         cache = buffer[: n * self.model.embed.element_size()].view(self.model.embed.dtype).view(shape)
         self.kv_caches = [(cache[:, i, 0], cache[:, i, 1]) for i in range(c.num_hidden_layers)]
+        self.kv_blocks = cache
         self.kv_key = (buffer.data_ptr(), buffer.numel())
 
     # batches -------------------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy one block's K/V of every layer (a forked sequence's own copy of a shared partial block)."""
+        self.kv_blocks[dst].copy_(self.kv_blocks[src])
+
     def run(self, batch: Batch) -> torch.Tensor:
         """float32 logits for every chunk that samples, in batch order."""
+        return self.execute(batch)[0]
+
+    @torch.inference_mode()
+    def execute(self, batch: Batch) -> tuple[torch.Tensor, list[PromptHidden]]:
+        """``run``'s logits, plus the final hidden states of prompt positions whose logprobs a sequence asked for
+        (``Sequence.prompt_logprob_positions``; none unless asked, so a plain batch pays nothing)."""
         if batch.is_prefill:
             return self._prefill(batch)
-        return self._decode(batch)
+        return self._decode(batch), []
 
     def _slots(self, seq, start: int, end: int) -> tuple[list[int], list[int]]:
         bs = self.block_size
         return [seq.block_table[p // bs] for p in range(start, end)], [p % bs for p in range(start, end)]
 
-    def _prefill(self, batch: Batch) -> torch.Tensor:
+    def _prefill(self, batch: Batch) -> tuple[torch.Tensor, list[PromptHidden]]:
         c = batch.chunks[0]
         n = c.end - c.start
         tokens = next((t for t in PREFILL_GRAPH_TOKENS if t >= n), None) if self.use_cuda_graphs else None
-        if tokens is not None and len(batch.chunks) == 1 and c.start == 0:
+        graphable = len(batch.chunks) == 1 and c.start == 0 and not c.seq.needs_prompt_logits
+        if tokens is not None and graphable:
             graph, logits = self._prefill_graph(tokens)
             blocks, offsets = self._slots(c.seq, 0, n)
             pad = tokens - n
@@ -110,9 +135,13 @@ class ModelRunner:
             self._prefill_in[:, :tokens].copy_(torch.tensor(rows), non_blocking=True)
             self._prefill_last.fill_(n - 1)
             graph.replay()
-            return logits if c.samples else logits[:0]
-        ids, positions, blocks, offsets, seqs, last = [], [], [], [], [], []
+            return (logits if c.samples else logits[:0]), []
+        ids, positions, blocks, offsets, seqs, last, scored = [], [], [], [], [], [], []
         for c in batch.chunks:
+            span = c.seq.prompt_logprob_positions(c.start, c.end)
+            if span:
+                first = len(ids) - c.start
+                scored.append((c.seq, span.start, first + span.start, first + span.stop))
             start = len(ids)
             ids += c.seq.token_ids[c.start : c.end]
             positions += range(c.start, c.end)
@@ -126,7 +155,8 @@ class ModelRunner:
         t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt).to(self.device, non_blocking=True)  # noqa: E731
         meta = AttnMeta(True, t(blocks, self._index_dtype), t(offsets, self._index_dtype), prefill=seqs)
         hidden = self.model.forward(t(ids), t(positions), meta, self.kv_caches)
-        return self.model.logits(hidden[t(last)])
+        prompt = [PromptHidden(seq, pos, hidden[a:b]) for seq, pos, a, b in scored]
+        return self.model.logits(hidden[t(last)]), prompt
 
     def _decode(self, batch: Batch) -> torch.Tensor:
         seqs = [c.seq for c in batch.chunks]

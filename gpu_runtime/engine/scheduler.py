@@ -93,8 +93,12 @@ class Scheduler:
     def _schedule_prefill(self) -> Batch | None:
         chunks: list[Chunk] = []
         budget = self.max_num_batched_tokens
-        while self.waiting and budget > 0 and len(self.running) + len(chunks) < self.max_num_seqs:
+        seats = len(self.running)
+        while self.waiting and budget > 0:
             seq = self.waiting[0]
+            seats += seq.params.n if seq.forks_pending else 1  # its n sequences run once it samples
+            if seats > self.max_num_seqs:
+                break
             self.blocks.match(seq)
             end = min(len(seq), seq.num_cached + budget)
             if not self._reserve(self.blocks.blocks_needed(seq, end)):
@@ -121,6 +125,20 @@ class Scheduler:
                 scheduled.append(seq)
         self.running.extend(scheduled)
         return Batch([Chunk(s, s.num_cached, len(s)) for s in scheduled], is_prefill=False)
+
+    def fork(self, parent: Sequence, child: Sequence, token: int) -> tuple[int, int] | None:
+        """Start ``child`` (a sequence forked from ``parent`` as it sampled its first token) on the parent's prompt
+        KV with its own first ``token``; returns the block copy the caller must make before the next step (see
+        ``BlockManager.fork``). With no block free for that copy it waits instead, to be recomputed."""
+        child.token_ids.append(token)
+        try:
+            copy = self.blocks.fork(parent, child)
+        except RuntimeError:
+            self.waiting.appendleft(child)
+            return None
+        child.status = Status.RUNNING
+        self.running.append(child)
+        return copy
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.free(seq)

@@ -1,0 +1,287 @@
+"""Structured output: a request's grammar, compiled against the model's tokenizer and applied as a token mask.
+
+``SamplingParams.structured`` is the JSON text of one object (builders and the torch-free check in
+``protocol.structured``):
+
+- ``{"type": "json_object"}``: any JSON object;
+- ``{"type": "json_schema", "schema": {...}}``: an instance of the JSON schema (llguidance's JSON Schema subset;
+  ``additionalProperties: false`` and ``required`` are enforced, so OpenAI's strict schemas hold exactly);
+- ``{"type": "lark", "grammar": "..."}``: llguidance's Lark dialect: string literals, regular expressions and
+  ``%json {schema}`` for an embedded JSON value. The gateway writes tool calls this way (``gateway/tools.py``):
+  ``tool_choice`` "required" or a named function becomes ``<tool_call>`` + a JSON call + ``</tool_call>`` for
+  Hermes/Qwen2.5 templates, or ``{"name": ..., "parameters": ...}`` for Llama 3.1 ones.
+
+Each may carry ``"param"``: the request field it came from (``response_format`` or ``tools``), which an error
+names. Between two tokens of a JSON value the grammar allows one space, or one line break and an indent of up to
+24 blanks (``protocol.structured.JSON_OPTIONS``): enough for any layout, too little to loop in.
+
+In the engine: a ``GrammarState`` per sequence follows the sequence's generated tokens (it catches up, or rolls
+back, to whatever the sequence holds, so preemption, recompute and forked copies need nothing special);
+``choose_constrained`` (the sampler's one call) masks the logits, chooses, has every grammar take its token in one
+parallel llguidance call, and starts the batch's next masks on a background thread, which computes them while the
+engine thread runs the next forward pass; ``apply_grammars`` then gathers them (computing any missing ones, e.g.
+for new sequences) into one bitmask for the rows that have a grammar and applies it to the logits on the device.
+eos is allowed only where the grammar is complete; a sequence finishes as soon as its grammar can't continue.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import llguidance
+import numpy as np
+import torch
+
+from protocol.structured import GrammarError, to_llguidance
+
+log = logging.getLogger(__name__)
+
+# Compiled grammars kept per engine: a tool set or schema reused across requests compiles once.
+CACHE_SIZE = 256
+_executors: dict[str, llguidance.LLExecutor] = {}
+_pool: ThreadPoolExecutor | None = None
+_bits: dict[torch.device, torch.Tensor] = {}
+_buffers = threading.local()  # per engine thread: {pinned: reused host bitmask}
+
+
+class _MaskJob:
+    """Next-step masks of several states, computed together on a background thread (llguidance drops the GIL)."""
+
+    def __init__(self, states: list[GrammarState]) -> None:
+        self.rows = np.empty((len(states), bitmask_words(states[0].vocab_size)), dtype=np.int32)
+        matchers = [(s.matcher, i) for i, s in enumerate(states)]
+        nbytes = self.rows.shape[1] * 4
+        compute = _executor("background").unsafe_compute_mask_ptr
+        self.done = _threads().submit(compute, matchers, self.rows.ctypes.data, nbytes, len(states))
+
+    def row(self, i: int) -> np.ndarray:
+        self.done.result()
+        return self.rows[i]
+
+
+class GrammarState:
+    """One sequence's position in its grammar. ``consumed`` generated tokens have been fed to the matcher;
+    ``vocab_size`` is the width of its token masks. Its next mask may be under way in a ``_MaskJob``."""
+
+    def __init__(self, prototype: llguidance.LLMatcher, vocab_size: int) -> None:
+        self._prototype = prototype
+        self.vocab_size = vocab_size
+        self.matcher = prototype.deep_copy()
+        self.consumed = 0
+        self.stopped = False  # read here, not from the matcher, which a mask job may be using
+        self._next: tuple[int, _MaskJob, int] | None = None  # (consumed when started, job, row)
+
+    def fresh(self) -> GrammarState:
+        """The same grammar from its start: for another sequence of the same request."""
+        return GrammarState(self._prototype, self.vocab_size)
+
+    def sync(self, generated: list[int]) -> None:
+        """Make the matcher's input equal ``generated`` (the sequence's tokens after its prompt)."""
+        if len(generated) == self.consumed:
+            return
+        self.settle()
+        self._next = None
+        if len(generated) < self.consumed:
+            if not self.matcher.rollback(self.consumed - len(generated)):
+                self.matcher = self._prototype.deep_copy()
+                self.consumed = 0
+            else:
+                self.consumed = len(generated)
+        if len(generated) > self.consumed:
+            if not self.matcher.consume_tokens(generated[self.consumed :]):
+                log.warning("grammar refused a sampled token: %s", self.matcher.get_error())
+            self.consumed = len(generated)
+        self.stopped = self.matcher.is_stopped()
+
+    def settle(self) -> None:
+        """Wait until no mask job reads the matcher: it may change after this."""
+        if self._next is not None:
+            self._next[1].done.result()
+
+    def advance(self, generated: list[int]) -> bool:
+        """Take the newly sampled tokens (normally taken already, by ``choose_constrained``); True when the
+        grammar is finished (nothing but eos may follow)."""
+        self.sync(generated)
+        return self.stopped
+
+    def expect(self, job: _MaskJob, row: int) -> None:
+        """Its next mask is row ``row`` of ``job``, for the tokens consumed now."""
+        self._next = (self.consumed, job, row)
+
+    def prefetched(self, generated: list[int]) -> np.ndarray | None:
+        """The mask computed since the last token, if the sequence still holds the tokens it was for."""
+        pending, self._next = self._next, None
+        if pending is None or not pending[0] == len(generated) == self.consumed:
+            if pending is not None:
+                pending[1].done.result()
+            return None
+        return pending[1].row(pending[2])
+
+
+class GrammarCompiler:
+    """Compiles grammar requests against one model's tokenizer (loaded on the first request that needs it)."""
+
+    def __init__(self, model_dir: str, vocab_size: int, eos_token_ids: tuple[int, ...]) -> None:
+        self.model_dir = model_dir
+        self.vocab_size = vocab_size
+        self.eos_token_ids = list(eos_token_ids)
+        self._tokenizer: llguidance.LLTokenizer | None = None
+        self._cache: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def tokenizer(self) -> llguidance.LLTokenizer:
+        if self._tokenizer is None:
+            with open(os.path.join(self.model_dir, "tokenizer.json"), encoding="utf-8") as f:
+                text = f.read()
+            # the model's vocabulary may be padded past the tokenizer's: those ids are never allowed
+            eos = self.eos_token_ids or None  # none in config.json: the tokenizer's own
+            self._tokenizer = llguidance.LLTokenizer(text, n_vocab=self.vocab_size, eos_token=eos)
+        return self._tokenizer
+
+    def start(self, structured: str | None) -> GrammarState | None:
+        """The initial state for a request's grammar (None without one); GrammarError (a 400) if it is bad."""
+        if structured is None:
+            return None
+        with self._lock:
+            prototype = self._cache.get(structured)
+            if prototype is None:
+                prototype = self._compile(structured)
+                self._cache[structured] = prototype
+                if len(self._cache) > CACHE_SIZE:
+                    self._cache.popitem(last=False)
+            self._cache.move_to_end(structured)
+        return GrammarState(prototype, self.tokenizer().vocab_size)
+
+    def _compile(self, structured: str) -> llguidance.LLMatcher:
+        grammar, param = to_llguidance(structured)
+        matcher = llguidance.LLMatcher(self.tokenizer(), grammar, log_level=0)
+        if matcher.is_error():
+            raise GrammarError(param, f"invalid grammar: {matcher.get_error().strip()[:400]}")
+        return matcher
+
+
+def bitmask_words(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
+def fill_bitmask(states: list[GrammarState], generated: list[list[int]], pinned: bool = False) -> torch.Tensor:
+    """[len(states), words] int32 on the CPU: bit t of row i is set when token t may follow state i, whose
+    sequence holds ``generated[i]`` (all states of one batch share the model, so one width). Masks prefetched
+    while the device ran the forward pass are copied; the others are computed here, together."""
+    words = bitmask_words(states[0].vocab_size)
+    bitmask = _host_buffer(len(states), words, pinned)
+    rows = bitmask.numpy()
+    missing = []
+    for i, (state, tokens) in enumerate(zip(states, generated, strict=True)):
+        mask = state.prefetched(tokens)
+        if mask is None:
+            state.sync(tokens)
+            missing.append((state.matcher, i))
+        else:
+            rows[i] = mask
+    if missing:
+        _executor("engine").unsafe_compute_mask_ptr(missing, bitmask.data_ptr(), words * 4, len(states))
+    return bitmask
+
+
+def _host_buffer(n: int, words: int, pinned: bool) -> torch.Tensor:
+    """A reused host buffer for n bitmask rows: pinned for a GPU, so the copy to it needs no staging. Reuse is
+    safe: each step waits for its sampled tokens, after the copy of its bitmask, before the next fills this."""
+    mine = _buffers.__dict__.setdefault("by_pinned", {})
+    buffer = mine.get(pinned)
+    if buffer is None or buffer.shape[0] < n or buffer.shape[1] != words:
+        buffer = mine[pinned] = torch.empty((max(n, 64), words), dtype=torch.int32, pin_memory=pinned)
+    return buffer[:n]
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``logits`` with ``[rows[i], t]`` set to -inf where bit t of ``bitmask[i]`` is clear (a new tensor, on
+    logits' device: the input stays the model's raw logits, which logprobs are read from)."""
+    blocked = _blocked(bitmask, logits.device)
+    vocab = logits.shape[-1]
+    if blocked.shape[1] < vocab:  # logits wider than the grammar's vocabulary: the extra ids are never allowed
+        blocked = torch.nn.functional.pad(blocked, (0, vocab - blocked.shape[1]), value=True)
+    blocked = blocked[:, :vocab]
+    if rows.numel() == logits.shape[0]:  # rows are sorted and distinct: every row, in order
+        return logits.masked_fill(blocked, float("-inf"))
+    return logits.index_copy(0, rows, logits[rows].masked_fill(blocked, float("-inf")))
+
+
+def _blocked(bitmask: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The bitmask as one bool per token, True where blocked, on ``device``. A GPU unpacks the 32x smaller
+    bitmask itself; a CPU is faster with numpy's unpackbits (bit t of a little-endian int32 word is bit t % 8
+    of its byte t // 8)."""
+    if device.type == "cpu":
+        bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
+        return torch.from_numpy(bits) == 0
+    shifts = _bits.get(device)
+    if shifts is None:
+        shifts = _bits[device] = torch.arange(32, dtype=torch.int32, device=device)
+    mask = bitmask.to(device, non_blocking=True)
+    return ((mask.unsqueeze(-1) >> shifts) & 1).flatten(1) == 0
+
+
+def apply_grammars(logits: torch.Tensor, seqs: list) -> torch.Tensor:
+    """``logits`` ([len(seqs), vocab]) masked so each sequence with a grammar can only continue it (the input
+    itself when none has one; never modified in place)."""
+    rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
+    if not rows:
+        return logits
+    states = [seqs[i].grammar for i in rows]
+    pinned = logits.device.type == "cuda"
+    bitmask = fill_bitmask(states, [seqs[i].completion_ids for i in rows], pinned)
+    return apply_bitmask(logits, bitmask, torch.tensor(rows, device=logits.device))
+
+
+def choose_constrained(
+    logits: torch.Tensor, seqs: list, choose: Callable[[torch.Tensor, list], list[int]]
+) -> list[int]:
+    """``choose`` tokens from ``logits`` masked by the sequences' grammars, then feed each token to its grammar
+    and start computing the next masks in the background, so the next step finds them ready."""
+    tokens = choose(apply_grammars(logits, seqs), seqs)
+    accept_tokens(seqs, tokens)
+    return tokens
+
+
+def accept_tokens(seqs: list, tokens: list[int]) -> None:
+    """Each grammar takes its sequence's new token (in parallel: one llguidance call for the batch); the ones
+    that can go on start their next masks on a background thread."""
+    states = [s.grammar for s in seqs if s.grammar is not None]
+    if not states:
+        return
+    for state in states:  # apply_grammars waited for their jobs: none is reading a matcher now
+        state.settle()
+    chosen = [t for s, t in zip(seqs, tokens, strict=True) if s.grammar is not None]
+    accepted = _executor("engine").consume_token_par([(st.matcher, t) for st, t in zip(states, chosen, strict=True)])
+    for state, ok in zip(states, accepted, strict=True):
+        state.consumed += 1
+        state.stopped = state.matcher.is_stopped()
+        if not ok:
+            log.warning("grammar refused a sampled token: %s", state.matcher.get_error())
+    going = [s for s in states if not s.stopped]
+    if going:
+        job = _MaskJob(going)
+        for i, state in enumerate(going):
+            state.expect(job, i)
+
+
+def _executor(role: str) -> llguidance.LLExecutor:
+    """llguidance's thread pools: one for the engine thread's calls, one for the background jobs, so the two
+    never share one."""
+    if role not in _executors:
+        _executors[role] = llguidance.LLExecutor()
+    return _executors[role]
+
+
+def _threads() -> ThreadPoolExecutor:
+    """Where mask jobs run: one thread handing the batch to llguidance's own pool, beside the engine thread,
+    which meanwhile launches the next forward pass and waits on the device."""
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
+    return _pool

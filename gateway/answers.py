@@ -257,9 +257,11 @@ class Assembly:
         return {key: echoed[key] + generated[key] for key in generated}
 
     def usage(self) -> dict:
-        """Prompt tokens once per prompt; completion tokens of every generated sequence (best_of's too)."""
+        """Prompt tokens once per prompt; completion tokens so far of every generated sequence (best_of's too)."""
         prompt = sum(len(a.prompt.ids) for a in self.answers)
-        completion = sum(s.done.completion_tokens for a in self.answers for s in a.seqs if s.done is not None)
+        completion = sum(
+            len(s.scored) if s.done is None else s.done.completion_tokens for a in self.answers for s in a.seqs
+        )
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 

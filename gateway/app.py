@@ -232,7 +232,9 @@ class Gateway:
                         first = False
                         self.metrics.first_token(spec.name, time.monotonic() - t0, state)
                     for choice in chunks:
-                        yield sse_data(answer.chunk([choice]))
+                        yield sse_data(
+                            answer.chunk([choice], answer.usage() if answer.parsed.continuous_usage else None)
+                        )
                 else:
                     if answer.parsed.include_usage:
                         yield sse_data(answer.chunk([], answer.usage()))

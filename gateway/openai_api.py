@@ -23,6 +23,7 @@ MAX_LOGPROBS = 20  # OpenAI's bound on logprobs and top_logprobs
 MAX_PROMPTS = 64  # prompts in one completions request, one invocation each
 MAX_LOGIT_BIAS = 1024  # logit_bias entries: every sampling step applies them all
 MIN_TEMPERATURE = 1e-5
+STREAM_OPTIONS = ("include_usage", "continuous_usage_stats")  # the second is vLLM's
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class Parsed:
     n: int = 1  # choices per prompt the client gets: the best n of sampling.n by cumulative log-probability
     logprobs: int | None = None  # alternatives per token the answer shows; None: no log-probabilities
     tools: ToolRequest | None = None  # chat with tools: the answer's text is parsed for their calls
+    continuous_usage: bool = False  # streamed: every chunk carries the usage so far
 
     @property
     def budget(self) -> int:
@@ -227,20 +229,24 @@ def check_fields(body: dict, chat: bool) -> None:
     _get(body, "user", (str,), "", "a string")  # an end-user id for abuse tracking: WarmServe keeps none
 
 
-def _stream_flags(body: dict) -> tuple[bool, bool]:
+def _stream_flags(body: dict) -> tuple[bool, bool, bool]:
+    """(stream, include_usage, continuous_usage_stats): usage in a last chunk, and (vLLM's) in every chunk."""
     stream = _get(body, "stream", (bool,), False, "a boolean")
     opts = _get(body, "stream_options", (dict,), {}, "an object")
-    unknown = sorted(str(k)[:32] for k in opts if k != "include_usage")
+    unknown = sorted(str(k)[:32] for k in opts if k not in STREAM_OPTIONS)
     if unknown:
         raise ApiError(400, f"'stream_options.{unknown[0]}' is not supported", param="stream_options")
-    include_usage = opts.get("include_usage", False)
-    if not isinstance(include_usage, bool | None):
-        raise ApiError(400, "'stream_options.include_usage' must be a boolean", param="stream_options")
-    return stream, bool(include_usage)
+    flags = []
+    for name in STREAM_OPTIONS:
+        value = opts.get(name, False)
+        if not isinstance(value, bool | None):
+            raise ApiError(400, f"'stream_options.{name}' must be a boolean", param="stream_options")
+        flags.append(bool(value))
+    return stream, *flags
 
 
 def _parsed(body: dict, prompts: tuple[Prompt, ...], spec: FunctionSpec, vocab: int, chat: bool, echo: bool) -> Parsed:
-    stream, include_usage = _stream_flags(body)
+    stream, include_usage, continuous_usage = _stream_flags(body)
     n, best_of = _choices(body, stream)
     k = _logprobs(body, chat)
     # best_of ranks sequences by cumulative log-probability: the engine must compute log-probabilities for it
@@ -249,7 +255,7 @@ def _parsed(body: dict, prompts: tuple[Prompt, ...], spec: FunctionSpec, vocab: 
     default_max = 256 if chat else 16
     extra = {"n": best_of, "logprobs": engine_k, "prompt_logprobs": k if echo else None}
     sampling = _sampling(body, longest, spec, default_max, vocab, **extra)
-    return Parsed(prompts, sampling, stream, include_usage, n, k)
+    return Parsed(prompts, sampling, stream, include_usage, n, k, continuous_usage=continuous_usage)
 
 
 def _check_ids(ids: list, vocab: int, param: str) -> tuple[int, ...]:

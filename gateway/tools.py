@@ -206,7 +206,7 @@ def _hermes(text: str) -> tuple[str, list]:
         before, _, after = rest.partition(HERMES_OPEN)
         body, closed, rest = after.partition(HERMES_CLOSE)
         obj = _json(body.strip())
-        if obj is None:  # not a call after all: keep it as text
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):  # not a call after all: keep the text
             content.append(before + HERMES_OPEN + body + (HERMES_CLOSE if closed else ""))
             continue
         content.append(before)

@@ -188,8 +188,8 @@ def _decode(name: str, raw: dict) -> Event:
     kind = _EVENT_TYPES[name]
     if kind is Done:
         raw["finish_reason"] = FinishReason(raw["finish_reason"])
-    elif kind is Token and raw.get("top_logprobs"):
-        raw["top_logprobs"] = _pairs(raw["top_logprobs"])
+    elif kind is Token:
+        raw["top_logprobs"] = _pairs(raw.get("top_logprobs") or ())
     elif kind is Start and raw.get("prompt_logprobs") is not None:
         raw["prompt_logprobs"] = tuple((lp, _pairs(top)) for lp, top in raw["prompt_logprobs"])
     return kind(**raw)

@@ -57,7 +57,7 @@ class Inst:
     __slots__ = (
         "iid", "f", "gpus", "node", "state", "since", "last_used", "ready_at", "ver", "heap", "V", "t_upd",
         "waiting", "in_prefill", "batch", "n_active", "kv_tok", "busy", "then", "shard", "kv_bytes", "kv_cap", "step_s",
-        "reserve",
+        "reserve", "borrows",
     )  # fmt: skip
 
     def __init__(
@@ -82,6 +82,9 @@ class Inst:
         self.reserve = float(reserve)
         # per GPU: KV quota (MuxServe's quotas set by the static policy; a reserving instance's own pool)
         self.kv_cap = self.reserve or float("inf")
+        # HOT with a pool that shares other pools' idle part (lent at activation): its requests take pages only
+        # where the lenders' own idle parts stay whole, and it gives way (is deactivated) when a lender needs them
+        self.borrows = False
 
     def load(self) -> int:
         return self.n_active + len(self.waiting) + len(self.batch)
@@ -151,7 +154,7 @@ class Sim:
         self.events = 0
         self.completed = 0
         self.counters = {"loads": 0, "disk_loads": 0, "activations": 0, "reclaims": 0, "evictions": 0,
-                         "refused": 0, "dropped": 0}  # fmt: skip
+                         "refused": 0, "dropped": 0, "kv_short": 0, "demotions": 0, "borrowed_pools": 0}  # fmt: skip
         self.target = [policy.target_concurrency or f.target_concurrency for f in functions]
         self.max_batch = policy.max_batch or profile.max_batch
         for node in range(n_nodes):
@@ -261,18 +264,39 @@ class Sim:
         if x.kv_bytes + need > x.kv_cap and x.load():  # over quota (one request may always run)
             return False
         for g in x.gpus:
-            if self.cap - self.weights[g] - self.kv[g] < need and not self._reclaim(g, need):
+            if (
+                self.physical_free(g) < need
+                and not self._reclaim(g, need)
+                and not (not x.borrows and self._demote_borrowers(g, need))
+            ):
+                self.counters["kv_short"] += 1
                 return False
         return True
 
-    def _reclaim(self, g: int, need: float, exclude: Inst | None = None) -> bool:
-        """Evict WARM borrowers on GPU g until `need` bytes fit: of live KV (physical room), or with `exclude` (an
-        instance being activated) of a new pool (room no pool holds, unless the policy lends). True if they fit."""
+    def _demote_borrowers(self, g: int, need: float) -> bool:
+        """A lender needs pages a borrowing pool shares: deactivate idle borrowers on g (HOT -> WARM, their pool
+        returns) and reclaim WARM copies until `need` fits. A busy borrower keeps its live pages until its
+        requests finish (no engine can take pages in use back)."""
+        for y in [y for y in self.on_gpu[g] if y.borrows and y.state is ModelState.HOT and not y.load()]:
+            self.counters["demotions"] += 1
+            self.deactivate(y)
+        return self._reclaim(g, need)
+
+    def _reclaim(self, g: int, need: float, exclude: Inst | None = None, dry: bool = False) -> bool:
+        """Evict WARM copies on GPU g until `need` bytes fit: of live KV (physical room), or with `exclude` (an
+        instance being activated) of a new pool (room no pool holds, plus what the policy lends of other pools'
+        idle part, `Policy.pool_lend`). True if they fit. Evicts nothing if evicting every WARM copy would not
+        make them fit (a reclaim that fails anyway would throw copies away for nothing); `dry`: only say."""
+        lend = 0.0 if exclude is None else self.policy.pool_lend(self, g, exclude)
 
         def room() -> float:
-            return self.physical_free(g) if exclude is None or self.policy.lends else self.free_bytes(g)
+            return self.physical_free(g) if exclude is None else min(self.free_bytes(g) + lend, self.physical_free(g))
 
-        warm = (x for x in self.on_gpu[g] if x.state is ModelState.WARM and x is not exclude)
+        warm = [x for x in self.on_gpu[g] if x.state is ModelState.WARM and x is not exclude]
+        if room() + sum(x.shard for x in warm) < need:
+            return False
+        if dry:
+            return True
         for x in sorted(warm, key=lambda x: (x.last_used, x.iid)):
             if room() >= need:
                 break
@@ -485,9 +509,13 @@ class Sim:
         the policy lends idle pool memory, no other pool holds: WARM copies on its GPUs are evicted for it; if it
         still does not fit, nothing happens and False is returned."""
         assert x.state is ModelState.WARM, x.state
+        if x.reserve and not all(self._reclaim(g, x.reserve, exclude=x, dry=True) for g in x.gpus):
+            return False
         if x.reserve and not all(self._reclaim(g, x.reserve, exclude=x) for g in x.gpus):
             return False
         self.counters["activations"] += 1
+        x.borrows = any(self.free_bytes(g) < x.reserve for g in x.gpus)
+        self.counters["borrowed_pools"] += x.borrows
         x.state, x.since = ModelState.HOT, self.now
         x.ready_at = self.now + self.p.activate_s
         self._drain(x.f)
@@ -497,7 +525,7 @@ class Sim:
     def deactivate(self, x: Inst) -> None:
         """HOT -> WARM; only an idle instance (its requests would be lost otherwise)."""
         assert x.state is ModelState.HOT and not x.load(), (x.state, x.load())
-        x.state, x.since = ModelState.WARM, self.now
+        x.state, x.since, x.borrows = ModelState.WARM, self.now, False
         x.ver += 1
 
     def unload(self, x: Inst) -> None:

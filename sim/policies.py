@@ -49,6 +49,10 @@ class Policy:
         """KV pool per GPU an instance of f holds while HOT (0: its requests take free memory as they come)."""
         return 0.0
 
+    def pool_lend(self, sim: Sim, g: int, x: Inst) -> float:
+        """Bytes of other HOT instances' idle pools on GPU g that x's pool may share when x is activated."""
+        return 0.0
+
     def setup(self, sim: Sim) -> None:
         """Initial placement (instances carried over from before the run are placed with Sim.place)."""
 
@@ -344,6 +348,7 @@ class WarmServe(Policy):
         self.rate_window_s = rate_window_s
         self._arr_hist: deque[tuple[float, np.ndarray]] = deque()
         self._last_reactive: dict[int, float] = {}
+        self._use: dict[int, float] = {}  # per function: forecast use of its pools at the last plan (pool_lend)
         self.counters = {"plans": 0, "actions": 0, "skipped": 0}
 
     # -- forecasts
@@ -387,6 +392,20 @@ class WarmServe(Policy):
 
     def kv_reserve(self, f: int) -> float:
         return self._pools[f]
+
+    def pool_lend(self, sim: Sim, g: int, x: Inst) -> float:
+        """The idle part of the lenders' pools on g that their own forecast leaves idle (the planner's
+        `_safe_lendable`): a new pool may share only that, so lenders keep the pages their traffic will need."""
+        if not self.lends:
+            return 0.0
+        out = 0.0
+        for y in sim.on_gpu[g]:
+            if y is x or y.state is not ModelState.HOT or not y.reserve:
+                continue
+            n_hot = sum(z.state is ModelState.HOT for z in sim.by_fn[y.f])
+            u = min(1.0, self._use.get(y.f, 1.0) / max(1, n_hot))
+            out += max(0.0, y.reserve - max(y.kv_bytes, u * y.reserve))
+        return out
 
     # -- view of the cluster for the planner
     def specs(self, sim: Sim) -> dict[str, FunctionSpec]:
@@ -452,7 +471,10 @@ class WarmServe(Policy):
 
     # -- acting
     def _run_plan(self, sim: Sim, now: float, initial: bool = False) -> None:
-        actions = plan(self.view(sim, now), self._forecast(sim, now), now, self.options)
+        view, preds = self.view(sim, now), self._forecast(sim, now)
+        self._use = {f: self._forecast_use(fn, preds.get(fn.name), view.load[fn.name].arrivals_rps)
+                     for f, fn in enumerate(sim.fns)}  # fmt: skip
+        actions = plan(view, preds, now, self.options)
         self.counters["plans"] += 1
         index = {fn.name: f for f, fn in enumerate(sim.fns)}
         for a in actions:
@@ -479,6 +501,13 @@ class WarmServe(Policy):
                 sim.unload(x)
             else:
                 self.counters["skipped"] += 1
+
+    @staticmethod
+    def _forecast_use(fn, pred: Prediction | None, rps: float) -> float:
+        """A function's forecast peak (or measured rate, if higher) in instances' worth: how much of its pools it
+        will use (the planner's mean + burst)."""
+        peak = max(pred.peak, pred.mean) if pred else 0.0
+        return max(peak, rps) / max(fn.pool_capacity_rps, 1e-9)
 
     def setup(self, sim: Sim) -> None:
         self._pools = [fn.kv_pool_bytes for fn in sim.fns]

@@ -142,8 +142,9 @@ def test_abort_of_one_index_leaves_the_others_running(model):
 def reference_greedy(hf, prompt: list[int], p: SamplingParams) -> list[int]:
     """Greedy decoding with the penalties written out token by token (no batching, no tensor tricks)."""
     ids = list(prompt)
+    step = hf(torch.tensor([ids]), use_cache=True)
     for _ in range(p.max_tokens):
-        logits = hf(torch.tensor([ids])).logits[0, -1].float().tolist()
+        logits = step.logits[0, -1].float().tolist()
         out = ids[len(prompt) :]
         for t, b in p.logit_bias:
             logits[t] += b
@@ -155,6 +156,7 @@ def reference_greedy(hf, prompt: list[int], p: SamplingParams) -> list[int]:
             for t in (*p.stop_token_ids, EOS):
                 logits[t] = float("-inf")
         ids.append(max(range(len(logits)), key=logits.__getitem__))
+        step = hf(torch.tensor([ids[-1:]]), past_key_values=step.past_key_values, use_cache=True)
     return ids[len(prompt) :]
 
 

@@ -143,10 +143,13 @@ def test_n_choices_streamed_and_not(client):
 def test_chat_n_choices_streamed(client):
     kw = {"model": FN, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "n": 2, "seed": 3}
     whole = client.chat.completions.create(**kw)
-    chunks = list(client.chat.completions.create(stream=True, **kw))
+    every = {"include_usage": True, "continuous_usage_stats": True}  # vLLM's: usage in every chunk (guidellm)
+    chunks = list(client.chat.completions.create(stream=True, stream_options=every, **kw))
     assert streamed_texts(chunks) == {c.index: c.message.content for c in whole.choices}
     roles = [c.index for ch in chunks for c in ch.choices if c.delta.role == "assistant"]
     assert sorted(roles) == [0, 1]
+    counts = [ch.usage.completion_tokens for ch in chunks]
+    assert counts == sorted(counts) and counts[-1] == whole.usage.completion_tokens
 
 
 def test_best_of_returns_the_most_likely(client):

@@ -74,6 +74,13 @@ def test_defaults_change_nothing(spec, tok):
     assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty) == (0.0, 0.0, 1.0)
 
 
+def test_stream_options(spec, tok):
+    plain = completion(spec, tok, stream=True)
+    assert not plain.include_usage and not plain.continuous_usage
+    every = completion(spec, tok, stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True})
+    assert every.include_usage and every.continuous_usage
+
+
 def test_best_of_asks_the_engine_for_log_probabilities(spec, tok):
     """best_of ranks by cumulative log-probability, so the engine computes them even when the client wants none."""
     parsed = completion(spec, tok, n=1, best_of=2)

@@ -117,7 +117,7 @@ def _scale(view: ClusterView, spec: FunctionSpec, d: _Demand, demand: dict[str, 
     want = d.hot + _reactive(view, spec, hot)
     # Activate the copies on the least busy GPUs first, where the KV pool fits.
     warm.sort(key=lambda x: (sum(load.get((x.worker, g), 0.0) for g in x.gpus), x.worker, x.gpus))
-    ready = [x for x in warm if _pool_fits(view, x, spec)][: max(0, want - len(hot))]
+    ready = [x for x in warm if _pool_fits(view, x, spec, demand)][: max(0, want - len(hot))]
     for x in ready:
         out.append(Action(ControlAction.ACTIVATE, spec.name, x.worker, x.gpus))
         view = apply_actions(view, out[-1:], now)
@@ -136,18 +136,16 @@ def _scale(view: ClusterView, spec: FunctionSpec, d: _Demand, demand: dict[str, 
     return out
 
 
-def _pool_fits(view: ClusterView, x: Instance, spec: FunctionSpec) -> bool:
-    """Whether copy x, once activated, gets its KV pool: from free or lent memory, and from WARM copies on its
-    GPUs (activating evicts them, as reclaiming lent memory does)."""
+def _pool_fits(view: ClusterView, x: Instance, spec: FunctionSpec, demand: dict[str, _Demand]) -> bool:
+    """Whether copy x, once activated, gets its KV pool: from free memory, lent memory its lenders' forecast
+    leaves idle, and WARM copies on its GPUs (activating evicts them, as reclaiming lent memory does)."""
     w = view.worker(x.worker)
     by_index = {g.index: g for g in w.gpus}
     for gi in x.gpus:
-        warm = [y for y in _residents(view, x.worker, (gi,)) if y.state is ModelState.WARM and y != x]
+        here = [y for y in _residents(view, x.worker, (gi,)) if y != x]
+        warm = sum(view.functions[y.function].shard_bytes for y in here if y.state is ModelState.WARM)
         g = by_index[gi]
-        if (
-            g.free_bytes + g.lendable_kv_bytes + sum(view.functions[y.function].shard_bytes for y in warm)
-            < spec.kv_bytes
-        ):
+        if g.free_bytes + _safe_lendable(view, g, here, demand)[0] + warm < spec.kv_bytes:
             return False
     return True
 
@@ -165,7 +163,7 @@ def _prewarm(
     resident = [
         x
         for x in _of(view, spec.name, ModelState.HOT, ModelState.WARM, ModelState.LOADING)
-        if x.state is not ModelState.WARM or _pool_fits(view, x, spec)
+        if x.state is not ModelState.WARM or _pool_fits(view, x, spec, demand)
     ]
     hot = _of(view, spec.name, ModelState.HOT)
     coming = any(x.state is not ModelState.HOT for x in resident)

@@ -13,8 +13,10 @@ What is modelled, and why at this grain (docs/simulator.md has the full list):
   a disk read and its PCIe copy are pipelined (ServerlessLLM's loader). Then an engine start (policy-dependent).
 - KV reservations: an instance whose policy reserves KV (warmserve, like the live worker's memory pool) holds a
   KV pool per GPU from activation to deactivation; its requests use that pool, and it counts as taken memory.
-- KV lending: WARM weights may sit in the idle part of a HOT instance's pool; when that instance needs it, the
-  WARM borrowers on that GPU are evicted (to HOST) on the spot.
+- KV lending: WARM weights may sit in the idle part of a HOT instance's pool, and a new pool may share the part
+  the lender's own forecast leaves idle (`Policy.pool_lend`). When the lender's requests need the pages, WARM
+  copies on that GPU are evicted (to HOST) on the spot and idle borrowing pools deactivated first; a busy
+  borrower keeps its live pages until its requests finish. A reclaim that could not make room evicts nothing.
 - A request whose KV cannot fit next to its model's weights on an empty GPU is refused on arrival (the gateway's
   400): it never queues, so it blocks nobody.
 Policies (sim/policies.py) act only through the methods marked "policy API" below.

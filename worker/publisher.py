@@ -18,9 +18,12 @@ stop generating it).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import logging
 import multiprocessing
+import os
+import signal
 import sys
 import threading
 from dataclasses import dataclass
@@ -46,6 +49,7 @@ log = logging.getLogger(__name__)
 IDLE_FLUSH_S = 0.05
 READY_TIMEOUT_S = 60.0
 PIPE_BYTES = 1 << 20
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 # ---- worker -> publisher ----
@@ -226,6 +230,17 @@ class Publisher:
                 self.feedback.send(Acked(run.inv.request_id))
 
 
+def die_with_parent() -> None:
+    """A worker that dies (SIGKILL, OOM) takes its publisher with it, as a crashed machine would: its requests
+    then stay pending for another worker, instead of an orphan finishing whatever the engine had produced."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return  # not Linux: the publisher ends when the worker's end of its pipe closes
+    if os.getppid() == 1:  # the worker died before the line above
+        os._exit(0)
+
+
 def drain(inbox: Connection, queue: SimpleQueue) -> None:
     """Read the worker's pipe as fast as it is written, so a publisher busy with a round never makes the engine
     thread wait on a full pipe: what arrives meanwhile is simply the next, bigger round."""
@@ -240,6 +255,7 @@ def run(inbox: Connection, feedback: Connection, redis_url: str, settings: Setti
     """The publisher process: take everything the worker sent since the last round, handle it, flush, repeat,
     until `Stop` or the worker's end of the pipe closes."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    die_with_parent()
     # The drain thread must get the GIL back within a step's time, not Python's default 5 ms.
     sys.setswitchinterval(0.0005)
     pub = Publisher(redis.Redis.from_url(redis_url), settings, worker_id, feedback)

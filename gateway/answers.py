@@ -267,6 +267,13 @@ class Assembly:
 
 async def merged(streams: list[AsyncIterator[Answer]]) -> AsyncIterator[tuple[int, Answer]]:
     """The events of several answers as they come, each with its stream's number (each stream's in order)."""
+    if len(streams) == 1:  # the common case: no task per event (a task and a wait cost more than relaying it)
+        try:
+            async for ev in streams[0]:
+                yield 0, ev
+        finally:
+            await streams[0].aclose()  # ends the answer's reader there (it unsubscribes and deletes its stream)
+        return
 
     async def step(i: int) -> Answer | None:
         return await anext(streams[i], None)

@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     out = {
         "experiment": "periodic bursts of cold functions on a memory-short worker (sim/periodic.py)",
         "date_utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"),
-        "command": "python -m sim.periodic " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "command": "python -m sim.periodic " + " ".join(argv if argv is not None else sys.argv[1:]),
         "setup": {
             "steady": STEADY,
             "steady_share": STEADY_SHARE,

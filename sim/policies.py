@@ -30,7 +30,7 @@ import numpy as np
 
 from protocol.settings import DEFAULTS, Settings
 from protocol.states import ControlAction, ModelState
-from sim.cluster import Inst, Sim
+from sim.cluster import Inst, Sim, SimFunction
 from warmer.cluster import GPU, ClusterView, FunctionSpec, Instance, Load, Worker
 from warmer.forecast import Prediction, act_on, for_settings, live_rate, this_and_next
 from warmer.placement import Options, plan
@@ -397,7 +397,7 @@ class WarmServe(Policy):
     def pool_lend(self, sim: Sim, g: int, x: Inst) -> float:
         """The idle part of the lenders' pools on g that their own forecast leaves idle (the planner's
         `_safe_lendable`): a new pool may share only that, so lenders keep the pages their traffic will need."""
-        if not self.lends or (__import__('os').environ.get('WS_FIRSTONLY','0')=='1' and any(z.state is ModelState.HOT for z in sim.by_fn[x.f])):
+        if not self.lends:
             return 0.0
         out = 0.0
         for y in sim.on_gpu[g]:
@@ -504,7 +504,7 @@ class WarmServe(Policy):
                 self.counters["skipped"] += 1
 
     @staticmethod
-    def _forecast_use(fn, pred: Prediction | None, rps: float) -> float:
+    def _forecast_use(fn: SimFunction, pred: Prediction | None, rps: float) -> float:
         """A function's forecast peak (or measured rate, if higher) in instances' worth: how much of its pools it
         will use (the planner's mean + burst)."""
         peak = max(pred.peak, pred.mean) if pred else 0.0

@@ -32,12 +32,16 @@ def two_workers(redis_url, slow_model, tmp_path):
     stack.stop()
 
 
-def wait_both_hosting(stack) -> None:
+def wait_both_hosting(stack, r) -> None:
+    """Both workers hold the model, and the baseline request is acknowledged (its answer reaches the client just
+    before that), so the pending entry the test looks at next is the second request's."""
+
     def both():
         workers = httpx.get(f"{stack.url}/status").json()["workers"]
         return len(workers) == 2 and all(w["models"].get(FN) in ("WARM", "HOT") for w in workers)
 
     wait_for(both, 60, "both workers hosting the function")
+    wait_for(lambda: r.xpending(keys.invocations(FN), keys.GROUP)["pending"] == 0, 20, "the baseline to be acked")
 
 
 def answering_worker(r) -> str | None:
@@ -91,7 +95,7 @@ def test_sigkilled_worker_streamed_answer_is_redelivered_once(two_workers):
     }
     baseline, reasons, dones = stream_text(stack.url, body)  # also routes the function to both workers
     assert reasons == ["length"] and dones == 1
-    wait_both_hosting(stack)
+    wait_both_hosting(stack, r)
     killed = []
 
     def kill_the_one_answering():
@@ -109,7 +113,7 @@ def test_sigkilled_worker_non_streamed_answer_is_replaced_whole(two_workers):
     stack, r = two_workers
     body = {"model": FN, "prompt": "Hello", "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
     baseline = httpx.post(f"{stack.url}/v1/completions", json=body, timeout=120).json()
-    wait_both_hosting(stack)
+    wait_both_hosting(stack, r)
     result = {}
     t = threading.Thread(
         target=lambda: result.update(httpx.post(f"{stack.url}/v1/completions", json=body, timeout=120).json())

@@ -1,12 +1,17 @@
 """What each warmserve technique earns, pinned on tiny workloads: a better forecast never does worse, forecasting
 beats reacting on a periodic burst, an unfittable request is refused and blocks nobody, and KV lending is used
-(and does no worse than not lending, without slowing the lender) when memory is short."""
+(and does no worse than not lending) when memory is short, sharing only what the lender's forecast leaves idle."""
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from protocol.states import ModelState
+from sim import periodic as periodic_shape
+from sim.cluster import Inst
+from sim.policies import Ablation, WarmServe
 from sim.scenario import run_policy
 from tests.test_sim import DAY, MODELS, PROFILE, scenario, ttft
 
@@ -83,3 +88,28 @@ def test_lending_does_no_worse_than_no_lending_when_memory_is_short():
     assert s_lend["counters"]["borrowed_pools"] >= 1 and s_nolend["counters"]["borrowed_pools"] == 0
     a_lend, a_nolend = ttft(lend)[fn == 0], ttft(nolend)[fn == 0]
     assert np.percentile(a_lend, 99) <= np.percentile(a_nolend, 99) + 1e-3  # the lender is not slowed
+
+
+def test_a_pool_shares_only_what_its_lenders_forecast_leaves_idle():
+    # a lender with a 40 GB pool using 10 GB: forecast at half its pool's capacity it lends 40 - max(10, 20) GB;
+    # forecast at capacity it lends nothing
+    lender = Inst(1, 0, (0,), 0, ModelState.HOT, 0.0, shard=1, reserve=40e9)
+    lender.kv_bytes = 10e9
+    borrower = Inst(2, 1, (0,), 0, ModelState.WARM, 0.0, shard=1, reserve=10e9)
+    sim = SimpleNamespace(on_gpu=[[lender, borrower]], by_fn=[[lender], [borrower]])
+    policy = WarmServe(np.zeros((2, 0), np.int64))
+    policy._use = {0: 0.5}
+    assert policy.pool_lend(sim, 0, borrower) == pytest.approx(20e9)
+    policy._use = {0: 1.0}
+    assert policy.pool_lend(sim, 0, borrower) == 0.0
+    assert WarmServe(np.zeros((2, 0), np.int64), ablation=Ablation(lending=False)).pool_lend(sim, 0, borrower) == 0
+
+
+def test_periodic_groups_burst_in_their_own_window_every_hour():
+    env = periodic_shape._envelope(len(periodic_shape.STEADY), 2)
+    per_hour = 3600 // periodic_shape.SLOT_S
+    assert (env[: len(periodic_shape.STEADY)] == 1).all()
+    for g in range(periodic_shape.GROUPS):
+        row = env[len(periodic_shape.STEADY) + g * periodic_shape.PER_GROUP]
+        assert np.flatnonzero(row).tolist() == [2 + 4 * g, per_hour + 2 + 4 * g]
+        assert row.mean() == pytest.approx(1.0)  # the hour's traffic, all in one window

@@ -7,13 +7,13 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from test_sim import DAY, MODELS, PROFILE, scenario, ttft
 
 from protocol.states import ModelState
 from sim import periodic as periodic_shape
 from sim.cluster import Inst
 from sim.policies import Ablation, WarmServe
 from sim.scenario import run_policy
-from tests.test_sim import DAY, MODELS, PROFILE, scenario, ttft
 
 
 def periodic():

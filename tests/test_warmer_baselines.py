@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 from rq import Queue
+from test_warmer_loop import GIB, jobs, report
 
 from functions.spec import parse_spec
 from invoker import history
@@ -13,7 +14,6 @@ from invoker.registry import Registry
 from protocol import keys
 from protocol.messages import Invocation, SamplingParams
 from protocol.settings import DEFAULTS
-from tests.test_warmer_loop import GIB, jobs, report
 from warmer.baselines import BaselineWarmer
 
 

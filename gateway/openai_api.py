@@ -303,6 +303,10 @@ def parse_completion(body: dict, spec: FunctionSpec, tok: Tokenizer) -> Parsed:
     return replace(parsed, sampling=replace(parsed.sampling, structured=parse_response_format(body)))
 
 
+# A message's fields; any other is refused by name (never silently dropped).
+MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id"})
+
+
 def parse_chat(body: dict, spec: FunctionSpec, tok: Tokenizer) -> Parsed:
     check_fields(body, chat=True)
     messages = body.get("messages")
@@ -319,6 +323,11 @@ def parse_chat(body: dict, spec: FunctionSpec, tok: Tokenizer) -> Parsed:
             "tool",
         ):
             raise ApiError(400, f"messages[{i}] needs a role of system, user, assistant or tool", param="messages")
+        unknown = sorted(str(k) for k in m if k not in MESSAGE_FIELDS)
+        if unknown:
+            raise ApiError(400, f"messages[{i}] has an unknown field '{unknown[0][:64]}'", param="messages")
+        if not isinstance(m.get("name", ""), str):
+            raise ApiError(400, f"messages[{i}].name must be a string", param="messages")
         content = m.get("content")
         if content is None and m.get("tool_calls"):  # an assistant turn that only called tools
             content = ""
@@ -330,6 +339,8 @@ def parse_chat(body: dict, spec: FunctionSpec, tok: Tokenizer) -> Parsed:
             raise ApiError(400, f"messages[{i}].content must be a string", param="messages")
         clean.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
         clean[-1].update(message_fields(m, i))  # an assistant's tool_calls, a tool result's tool_call_id
+        if m.get("name"):  # the participant's name goes to the template, as OpenAI's and vLLM's do
+            clean[-1]["name"] = m["name"]
     try:
         text = tok.apply_chat_template(clean, add_generation_prompt=True, tools=None if tools is None else tools.tools)
     except Exception as exc:  # a template may reject a conversation (e.g. roles out of order)

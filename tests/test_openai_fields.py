@@ -251,3 +251,14 @@ def test_unknown_routes_and_methods_are_openai_errors(url, client):
     assert wrong.status_code == 405 and wrong.json()["error"]["message"]
     assert httpx.get(f"{url}/health").json()["status"] == "ok"
     assert client.models.retrieve(FN).id == FN
+
+
+def test_chat_message_fields_are_honoured_or_refused_by_name(client):
+    named = [{"role": "user", "content": "Hello", "name": "ada"}]
+    out = client.chat.completions.create(model=FN, messages=named, max_tokens=2, **GREEDY)
+    assert out.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model=FN, messages=[{"role": "user", "content": "Hello", "mood": "grumpy"}], max_tokens=2
+        )
+    assert err.value.body["param"] == "messages" and "'mood'" in err.value.body["message"]

@@ -1,9 +1,9 @@
 """The publisher: a process of its own that turns engine outputs into answer events on Redis.
 
 Why a process: detokenizing, cutting at stop strings, encoding events and writing them cost Python time per
-token. In the worker process that time holds the same GIL as the engine thread, whose own Python (scheduling,
-launching the step) is what keeps a small model's GPU busy: at a few hundred streams the two together halved the
-engine's output. Here it runs beside the engine, as vLLM v1 runs detokenizing apart from its engine core.
+token. In the worker process that time competes for one GIL with the engine thread, whose own Python
+(scheduling, launching the step) is what keeps a small model's GPU busy at a few hundred streams. Here it runs
+beside the engine, as vLLM v1 runs detokenizing apart from its engine core.
 
 The worker sends, over one pipe and in order: `Started` when a request begins (under its model's lock, before
 the engine can produce for it), `Produced` after each engine step, `Fail` for an answer that ends in an error,
@@ -40,7 +40,7 @@ from protocol.messages import Done, Failed, FinishReason, Invocation, Start, Tok
 from protocol.settings import Settings
 from worker.running import Choice, Running
 
-if TYPE_CHECKING:  # the publisher process never loads torch
+if TYPE_CHECKING:  # for annotations only (unpickling the worker's outputs imports it when the first arrives)
     from gpu_runtime.engine.sequence import StepOutput
 
 log = logging.getLogger(__name__)

@@ -45,6 +45,22 @@ SAMPLING = {
     "stream": st.booleans() | json_values,
     "stream_options": json_values | st.just({"include_usage": True}),
     "n": small_ints,
+    "best_of": small_ints,
+    "logprobs": small_ints | json_values,
+    "top_logprobs": small_ints,
+    "echo": json_values,
+    "presence_penalty": st.floats(-3, 3) | json_values,
+    "frequency_penalty": st.floats(-3, 3),
+    "repetition_penalty": st.floats(-1, 3),
+    "logit_bias": st.dictionaries(st.text(max_size=4) | st.integers(-2, 600).map(str), st.floats(-200, 200))
+    | json_values,
+    "min_tokens": small_ints,
+    "suffix": json_values,
+    "response_format": json_values
+    | st.sampled_from([{"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}])
+    | st.fixed_dictionaries({"type": st.just("json_schema"), "json_schema": json_values}),
+    "tools": json_values | st.lists(st.fixed_dictionaries({"type": st.just("function"), "function": json_values})),
+    "tool_choice": json_values | st.sampled_from(["auto", "none", "required"]),
 }
 completion = st.fixed_dictionaries(
     {"model": names},

@@ -281,6 +281,8 @@ def run(inbox: Connection, feedback: Connection, redis_url: str, settings: Setti
                 log.exception("publisher: cannot handle %s", type(msg).__name__)
         try:
             pub.flush()
+        except BrokenPipeError:
+            return  # the worker's end of the feedback pipe is gone: so is the worker
         except redis.RedisError as exc:
             if not down:
                 log.warning("publisher: Redis unreachable (%s); answers wait in their outboxes", exc)

@@ -16,6 +16,9 @@ from protocol.messages import Token, decode_events
 
 FN = "redeliver"
 MAX_TOKENS = 400
+# The non-streamed answer must still be generating when the test sees part of it: long enough to outlast the
+# test's polling on a fast, idle machine (the gateway deletes the stream of a finished answer).
+LONG_ANSWER = 1000
 
 
 @pytest.fixture
@@ -26,7 +29,7 @@ def two_workers(redis_url, slow_model, tmp_path):
     r.flushdb()
     stack = start_stack(url, tmp_path, workers=2)
     scaling = {"min_instances": 2, "max_instances": 2}
-    spec = {"name": FN, "model": str(slow_model), "max_model_len": 512, "scaling": scaling}
+    spec = {"name": FN, "model": str(slow_model), "max_model_len": 1024, "scaling": scaling}
     assert httpx.post(f"{stack.url}/functions", json=spec).status_code == 201
     yield stack, r
     stack.stop()
@@ -111,7 +114,7 @@ def test_sigkilled_worker_streamed_answer_is_redelivered_once(two_workers):
 
 def test_sigkilled_worker_non_streamed_answer_is_replaced_whole(two_workers):
     stack, r = two_workers
-    body = {"model": FN, "prompt": "Hello", "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
+    body = {"model": FN, "prompt": "Hello", "max_tokens": LONG_ANSWER, "temperature": 0, "ignore_eos": True}
     baseline = httpx.post(f"{stack.url}/v1/completions", json=body, timeout=120).json()
     wait_both_hosting(stack, r)
     result = {}
@@ -125,5 +128,5 @@ def test_sigkilled_worker_non_streamed_answer_is_replaced_whole(two_workers):
     os.kill(stack.workers[owner].pid, signal.SIGKILL)
     t.join(120)
     assert result["choices"][0]["text"] == baseline["choices"][0]["text"]
-    assert result["usage"]["completion_tokens"] == MAX_TOKENS
+    assert result["usage"]["completion_tokens"] == LONG_ANSWER
     check_redelivered(stack, r, owner)

@@ -78,10 +78,16 @@ def run_engine(path: str, prompts: list[list[int]], fused: bool = True, triton_d
 def record(engine: Engine, prompts: list[list[int]]):
     """Greedy outputs and per-prompt logits [generated, vocab] of one ``generate`` call."""
     recorded: list[torch.Tensor] = []
-    run = engine.runner.run
-    engine.runner.run = lambda batch: recorded.append(run(batch).clone()) or recorded[-1]
+    execute = engine.runner.execute
+
+    def keep(batch):
+        logits, prompt = execute(batch)
+        recorded.append(logits.clone())
+        return logits, prompt
+
+    engine.runner.execute = keep
     outs = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
-    engine.runner.run = run
+    engine.runner.execute = execute
     # Step 0 prefills all prompts (one row each), then every decode step has one row per prompt, in order.
     logits = [torch.stack([recorded[0][i]] + [step[i] for step in recorded[1:]]) for i in range(len(prompts))]
     return outs, logits

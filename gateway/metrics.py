@@ -64,7 +64,7 @@ class Metrics:
             "# TYPE warmserve_live_workers gauge",
         ]
         out.append(f"warmserve_live_workers {live_workers}")
-        out += prefix_cache_lines(worker_counters or {})
+        out += worker_counter_lines(worker_counters or {})
         return "\n".join(out) + "\n"
 
 
@@ -81,15 +81,26 @@ def histogram(metric: str, what: str, label: str, counts: dict[str, list[int]], 
     return out
 
 
-def prefix_cache_lines(worker_counters: dict[str, dict[str, int]]) -> list[str]:
-    """Prompt tokens served from the engines' prefix caches and prompt tokens looked up, as each live worker
-    reports them (counters since the worker started): hit rate = hit / query."""
+# Counters each worker reports (WorkerInfo.counters, since it started), exported by worker: (its key, the metric,
+# what it counts, divisor). Prefix cache hit rate = hit / query; mean sequences per engine step = sequences /
+# steps; engine busy fraction = rate(step seconds).
+WORKER_COUNTERS = (
+    ("prefix_cache_hit_tokens", "warmserve_prefix_cache_hit_tokens_total",
+     "Prompt tokens whose KV came from the prefix cache", 1),
+    ("prefix_cache_query_tokens", "warmserve_prefix_cache_query_tokens_total", "Prompt tokens", 1),
+    ("engine_steps", "warmserve_engine_steps_total", "Engine steps (batches run)", 1),
+    ("engine_step_sequences", "warmserve_engine_step_sequences_total",
+     "Sequences that produced tokens, summed over engine steps", 1),
+    ("engine_step_us", "warmserve_engine_step_seconds_total", "Time inside engine steps", 1e6),
+)  # fmt: skip
+
+
+def worker_counter_lines(worker_counters: dict[str, dict[str, int]]) -> list[str]:
+    """``WORKER_COUNTERS`` as Prometheus counters, one sample per live worker."""
     out = []
-    for name, what in (("hit", "Prompt tokens whose KV came from the prefix cache"), ("query", "Prompt tokens")):
-        metric = f"warmserve_prefix_cache_{name}_tokens_total"
+    for key, metric, what, scale in WORKER_COUNTERS:
         out += [f"# HELP {metric} {what}, by worker.", f"# TYPE {metric} counter"]
-        out += [
-            f'{metric}{{worker="{w}"}} {c.get(f"prefix_cache_{name}_tokens", 0)}'
-            for w, c in sorted(worker_counters.items())
-        ]
+        for w, c in sorted(worker_counters.items()):
+            value = c.get(key, 0)
+            out.append(f'{metric}{{worker="{w}"}} {value if scale == 1 else f"{value / scale:.6f}"}')
     return out

@@ -67,6 +67,17 @@ class Started:
 class Produced:
     outs: list  # the StepOutputs of one engine step
 
+    def __reduce__(self) -> tuple:
+        # Hundreds of outputs cross the pipe every step, on the engine thread's time: as plain tuples they pickle
+        # about 7x faster than as dataclasses (which pickle through copyreg and a __dict__ each).
+        return _produced, ([tuple(vars(o).values()) for o in self.outs],)
+
+
+def _produced(rows: list[tuple]) -> Produced:
+    from gpu_runtime.engine.sequence import StepOutput  # noqa: F811 (imported here, as unpickling would)
+
+    return Produced([StepOutput(*row) for row in rows])
+
 
 @dataclass(frozen=True)
 class Fail:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 
 import redis
@@ -143,13 +144,14 @@ class Streamer:
                 if engine is None or not engine.has_unfinished():
                     continue
                 busy = True
+                began = time.perf_counter()
                 try:
                     outs = engine.step()
                 except Exception as exc:
                     log.exception("engine step failed for %s", fn)
                     self.fail_function(fn, Failed(500, f"function '{fn}': engine failure: {exc}"))
                     continue
-                self.count_prefix_cache(fn, engine)
+                self.count_step(fn, engine, outs, began)
                 if outs:  # sent under the model's lock, so after the Started of every request in it
                     self.publisher.send(Produced(outs))
         if not busy:
@@ -172,6 +174,13 @@ class Streamer:
             run = self.running.get(msg.request_id)
             if run is not None:
                 self.abort_in_engine(run, msg.index)
+
+    def count_step(self, function: str, engine: ServingEngine, outs: list, began: float) -> None:
+        """Count one engine step for /metrics: its time, the sequences it advanced, prefix cache use."""
+        self.counters.add("engine_steps")
+        self.counters.add("engine_step_sequences", sum(1 for o in outs if o.new_token_ids))
+        self.counters.add("engine_step_us", int(1e6 * (time.perf_counter() - began)))
+        self.count_prefix_cache(function, engine)
 
     def count_prefix_cache(self, function: str, engine: ServingEngine) -> None:
         """Add the prompt tokens this engine found in its prefix cache (and looked up) since the last step to the

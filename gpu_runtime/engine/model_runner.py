@@ -121,8 +121,10 @@ class ModelRunner:
         c = batch.chunks[0]
         n = c.end - c.start
         tokens = next((t for t in PREFILL_GRAPH_TOKENS if t >= n), None) if self.use_cuda_graphs else None
-        graphable = len(batch.chunks) == 1 and c.start == 0 and not c.seq.needs_prompt_logits
-        if tokens is not None and graphable:
+        fresh = len(batch.chunks) == 1 and c.start == 0  # one prompt from its start: the prefill graph's case
+        if not fresh and self._as_rows(batch):
+            return self._prefill_as_rows(batch), []
+        if tokens is not None and fresh and not c.seq.needs_prompt_logits:
             graph, logits = self._prefill_graph(tokens)
             blocks, offsets = self._slots(c.seq, 0, n)
             pad = tokens - n
@@ -158,28 +160,53 @@ class ModelRunner:
         prompt = [PromptHidden(seq, pos, hidden[a:b]) for seq, pos, a, b in scored]
         return self.model.logits(hidden[t(last)]), prompt
 
+    def _as_rows(self, batch: Batch) -> bool:
+        """A prefill batch small enough to run as decode rows (see ``_prefill_as_rows``)."""
+        rows = sum(c.end - c.start for c in batch.chunks)
+        return rows <= self.graph_sizes[-1] and not any(c.seq.needs_prompt_logits for c in batch.chunks)
+
+    def _prefill_as_rows(self, batch: Batch) -> torch.Tensor:
+        """A small prefill (a prefix-cache hit's uncached tail, a recompute's rest, several short prompts at once)
+        run as decode rows: one row per new token, attending through the paged decode kernel to its sequence's
+        positions up to its own. Rows are written to the cache before any row's attention reads it (layer by
+        layer), so each sees exactly its causal context; and the step replays a decode CUDA graph, where the
+        eager prefill would pay ~15 kernel launches per layer from Python for a handful of tokens."""
+        ids, positions, tables, last = [], [], [], []
+        for c in batch.chunks:
+            ids += c.seq.token_ids[c.start : c.end]
+            positions += range(c.start, c.end)
+            tables += [c.seq.block_table] * (c.end - c.start)
+            if c.samples:
+                last.append(len(ids) - 1)
+        logits = self._run_rows(ids, positions, tables)
+        return logits[torch.tensor(last, dtype=torch.long, device=logits.device)]
+
     def _decode(self, batch: Batch) -> torch.Tensor:
         seqs = [c.seq for c in batch.chunks]
-        n = len(seqs)
         ids = [s.token_ids[-1] for s in seqs]
-        positions = [len(s) - 1 for s in seqs]
-        blocks = [s.block_table[p // self.block_size] for s, p in zip(seqs, positions, strict=True)]
+        return self._run_rows(ids, [len(s) - 1 for s in seqs], [s.block_table for s in seqs])
+
+    def _run_rows(self, ids: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:
+        """Logits of one token per row (``ids[i]`` at ``positions[i]`` of the sequence whose blocks are
+        ``tables[i]``), each attending to positions ``<= positions[i]`` through the paged decode kernel."""
+        n = len(ids)
+        blocks = [t[p // self.block_size] for t, p in zip(tables, positions, strict=True)]
         offsets = [p % self.block_size for p in positions]
-        width = max(len(s.block_table) for s in seqs)
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
-        lens = [len(s) for s in seqs]
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        lens = [p + 1 for p in positions]
         graph_bs = next((b for b in self.graph_sizes if b >= n), None) if self.use_cuda_graphs else None
         if graph_bs is None:
             t = lambda x, dt: torch.tensor(x, dtype=dt).to(self.device, non_blocking=True)  # noqa: E731
             meta = AttnMeta(False, t(blocks, self._index_dtype), t(offsets, self._index_dtype))
-            meta.block_tables, meta.context_lens = t(tables, torch.int32), t(lens, torch.int32)
+            meta.block_tables, meta.context_lens = t(padded, torch.int32), t(lens, torch.int32)
             hidden = self.model.forward(t(ids, torch.long), t(positions, torch.long), meta, self.kv_caches)
             return self.model.logits(hidden)
         graph, logits = self._graph(graph_bs)  # capture first: capturing resets the static inputs
         pad = graph_bs - n
         header = [ids + [0] * pad, positions + [0] * pad, blocks + [-1] * pad, offsets + [0] * pad, lens + [0] * pad]
         self._header[:, :graph_bs].copy_(torch.tensor(header), non_blocking=True)
-        self._tables[:n, :width].copy_(torch.tensor(tables), non_blocking=True)
+        self._tables[:n, :width].copy_(torch.tensor(padded), non_blocking=True)
         graph.replay()
         return logits[:n]
 

@@ -9,13 +9,15 @@ For each shape (Llama-3-8B and Llama-3.2-1B, random bf16 weights generated on th
   tokens/s over the window where all 256 run, against the roofline of the very steps the engine ran (each
   decode step reads the weights and every sequence's KV at HBM speed, each prefill runs at the matmul rate);
 - grammar: decode throughput at batch 32 with every sequence under a JSON-schema grammar, against the same batch
-  unconstrained (bench/grammar_cost.py; the issue's bound is a ratio >= 0.9);
+  unconstrained (bench/grammar_cost.py; the issue's bound is a ratio >= 0.9), the median of interleaved rounds
+  (--cost-rounds, 5, of --cost-steps, 256, decode steps per run);
 - logprobs: the same with every sequence asking for logprobs=5, and with penalties (bench/logprobs_cost.py; the
   issue's bound is a ratio >= 0.9);
 - fp8: the same weights quantized on the device (per-channel scales, as a bf16 checkpoint served with
   ``dtype: fp8`` is): batch-1 decode speedup over bf16, 1024-token prefill vs the FP8 matmul roofline, the
   steady run again, and the logits' error against bf16 on the original and on the dequantized weights.
-Writes bench/results/engine.json (top-level figures are the 8B shape; every shape under "shapes").
+Writes bench/results/engine.json (top-level figures are the 8B shape; every shape under "shapes"); a run of only
+grammar and logprobs instead adds its figures to the file's "cost_runs" list, one entry per part and shape.
 
     PYTHONPATH=. python3 bench/engine.py [--shapes 8b,1b] [--parts base,prefix,steady,grammar,logprobs,fp8] [--out ...]
     PYTHONPATH=. python3 bench/engine.py --dry-run   # every part on CPU with tiny shapes, to check the script
@@ -46,6 +48,9 @@ from gpu_runtime.fp8 import quantize_rows, scaled_mm_supported  # noqa: E402
 from gpu_runtime.weights import plan_weights  # noqa: E402
 from modelinfo.config import FP8_ELEMENT  # noqa: E402
 
+# Parts that measure a feature's cost; a run of only these appends to the result file (append_cost_runs).
+COST_PARTS = {"grammar", "logprobs"}
+
 SHAPES = {
     "8b": dict(name="Llama-3-8B", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
@@ -73,7 +78,8 @@ class Sizes:
         self.max_prompt, self.max_output = (96, 64) if dry else (4000, 1000)
         self.max_model_len = 512 if dry else 8192
         self.iters = 1 if dry else 5
-        self.grammar_steps = 8 if dry else 256
+        # grammar and logprobs: rounds of base and variants back to back, steps per window (bench/grammar_cost.py)
+        self.cost_steps, self.cost_rounds = (8, 2) if dry else (256, 5)
 
 
 def log(*a) -> None:
@@ -320,10 +326,10 @@ class StepLog:
         self.weight_bytes = decode_weight_bytes(engine, cfg)
         self.kv_per_token = kv_bytes_per_token(cfg)
         self.bound_s = 0.0
-        self._run = engine.runner.run
-        engine.runner.run = self.run
+        self._execute = engine.runner.execute
+        engine.runner.execute = self.execute
 
-    def run(self, batch):
+    def execute(self, batch):
         if batch.is_prefill:
             for c in batch.chunks:
                 n = c.end - c.start
@@ -331,10 +337,10 @@ class StepLog:
         else:
             kv = sum(len(c.seq) for c in batch.chunks) * self.kv_per_token
             self.bound_s += (self.weight_bytes + kv) / self.rates["bandwidth"]
-        return self._run(batch)
+        return self._execute(batch)
 
     def close(self) -> None:
-        self.engine.runner.run = self._run
+        self.engine.runner.execute = self._execute
 
 
 def bench_steady(engine: Engine, cfg: dict, rates: dict, z: Sizes, fp8: bool) -> dict:
@@ -464,10 +470,10 @@ def bench_shape(key: str, path: str, cfg: dict, rates: dict, z: Sizes, parts: se
         r |= steady_keys(bench_steady(engine, cfg, rates, z, fp8=False), "steady_c256")
         log("steady bf16", r["steady_c256_tok_s"], r["steady_c256_roofline_tok_s"])
     if "grammar" in parts:
-        r |= bench_grammar(engine, path, cfg["vocab_size"], z.grammar_steps, z.iters)
+        r |= bench_grammar(engine, path, cfg["vocab_size"], z.cost_steps, z.cost_rounds)
         log("grammar", {k: v for k, v in r.items() if k.startswith("grammar_")})
     if "logprobs" in parts:
-        r |= bench_logprobs(engine, cfg["vocab_size"], z.grammar_steps)
+        r |= bench_logprobs(engine, cfg["vocab_size"], z.cost_steps, z.cost_rounds)
         log("logprobs", {k: v for k, v in r.items() if k.startswith(("logprobs_", "penalties_"))})
     if "fp8" in parts:
         r |= bench_fp8(engine, path, cfg, rates, z, parts, kw, rng)
@@ -583,6 +589,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/engine.json")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--dry-run", action="store_true", help="every part on CPU, tiny shapes, to check the script")
+    parser.add_argument("--cost-steps", type=int, help="grammar, logprobs: decode steps per window (default 256)")
+    parser.add_argument("--cost-rounds", type=int, help="grammar, logprobs: rounds of base and variants (default 5)")
     args = parser.parse_args()
     if args.dry_run:
         args.shapes, args.device = "tiny", "cpu"
@@ -593,6 +601,7 @@ def main() -> None:
         args.device = "cuda"
     parts = set(args.parts.split(","))
     z = Sizes(args.dry_run, args.steady_requests)
+    z.cost_steps, z.cost_rounds = args.cost_steps or z.cost_steps, args.cost_rounds or z.cost_rounds
     assert z.steady_requests > z.concurrency, "the steady window needs more requests than are in flight"
     rates = {
         "bandwidth": hbm_read_bandwidth(args.device, args.dry_run),
@@ -616,7 +625,35 @@ def main() -> None:
         log(json.dumps(r, indent=1))
         shapes[key] = r
         shutil.rmtree(path, ignore_errors=True)
-        write(args.out, shapes, rates, args.device)  # after every shape: a later one may run out of time
+        # after every shape: a later one may run out of time
+        if parts <= COST_PARTS:
+            append_cost_runs(args.out, r, parts, args.device)
+        else:
+            write(args.out, shapes, rates, args.device)
+
+
+def append_cost_runs(out: str, r: dict, parts: set[str], device: str) -> None:
+    """A run of only the cost parts adds one entry per part and shape to ``cost_runs`` in ``out`` (made if
+    missing) and leaves the file's other figures as they are."""
+    result = {}
+    if os.path.exists(out):
+        with open(out) as f:
+            result = json.load(f)
+    prefixes = {"grammar": ("grammar_",), "logprobs": ("logprobs_", "penalties_")}
+    for part in sorted(parts):
+        result.setdefault("cost_runs", []).append({
+            "part": part,
+            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)",
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "command": "PYTHONPATH=. python3 bench/engine.py " + " ".join(sys.argv[1:]),
+            "torch": torch.__version__,
+            "shape": r["shape"],
+            **{k: v for k, v in r.items() if k.startswith(prefixes[part])},
+        })  # fmt: skip
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    log(f"added {len(parts)} cost run(s) of {r['shape']} to {out}")
 
 
 def write(out: str, shapes: dict, rates: dict, device: str) -> None:

@@ -1,5 +1,6 @@
 """The engine's OpenAI sampling features on CPU float32, against transformers on the same weights: logprobs and
-prompt logprobs (within 1e-4), n > 1 sharing the prompt's KV, penalties, logit_bias and min_tokens."""
+prompt logprobs (within 1e-4), n > 1 sharing the prompt's KV, penalties, logit_bias and min_tokens; the batched
+sampler against per-row draws."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import torch
 from engine_models import build_model, prompts
 
 from gpu_runtime import Engine, SamplingParams
+from gpu_runtime.engine.logprobs import start_reports
+from gpu_runtime.engine.sampler import sample
+from gpu_runtime.engine.sequence import Sequence
 from protocol.errors import InvalidRequest
 from protocol.messages import FinishReason
 
@@ -72,6 +76,57 @@ def test_logprobs_zero_reports_the_chosen_token_only(model):
     assert all(top == () for _, top in out.logprobs)
     plain = engine.generate([prompt], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))[0]
     assert plain.logprobs is None and plain.cumulative_logprob is None and plain.token_ids == out.token_ids
+
+
+def test_reports_for_some_rows_of_a_batch_equal_log_softmax():
+    logits = torch.randn(4, 300) * 4
+    chosen = torch.tensor([5, 17, 250, 3])
+    wants = [SamplingParams(logprobs=3), SamplingParams(), SamplingParams(logprobs=0), SamplingParams(n=2)]
+    seqs = [Sequence(f"r{i}", [1, 2], p) for i, p in enumerate(wants)]
+    start_reports(logits, chosen, seqs).record(seqs)
+    ref = torch.log_softmax(logits, dim=-1)
+    assert seqs[1].logprobs == [] and seqs[1].cumulative_logprob == 0.0  # asked for nothing
+    assert seqs[3].logprobs == [] and seqs[3].cumulative_logprob == pytest.approx(ref[3, 3].item(), abs=1e-6)
+    (lp, top), (lp0, top0) = seqs[0].logprobs[0], seqs[2].logprobs[0]
+    assert lp == pytest.approx(ref[0, 5].item(), abs=1e-6) and lp0 == pytest.approx(ref[2, 250].item(), abs=1e-6)
+    values, ids = ref[0].topk(3)
+    assert [t for t, _ in top] == ids.tolist() and [v for _, v in top] == pytest.approx(values.tolist(), abs=1e-6)
+    assert top0 == ()
+
+
+# ---- the batched sampler ----
+def per_row_draw(row: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
+    """One row drawn the plain way: filter, softmax, ``torch.multinomial`` with the sequence's generator."""
+    if p.temperature == 0:
+        return int(row.argmax())
+    x = row / p.temperature
+    if 0 < p.top_k < x.numel():
+        x = x.masked_fill(x < x.topk(p.top_k).values[-1], float("-inf"))
+    if p.top_p < 1.0:
+        ordered, order = x.sort(descending=True)
+        probs = ordered.softmax(-1)
+        drop = torch.zeros_like(probs, dtype=torch.bool).scatter(0, order, probs.cumsum(-1) - probs > p.top_p)
+        x = x.masked_fill(drop, float("-inf"))
+    return int(torch.multinomial(x.softmax(-1), 1, generator=generator))
+
+
+def test_one_batched_draw_gives_each_seeded_row_what_multinomial_gives_it():
+    rows = [
+        SamplingParams(temperature=1.0, seed=3),
+        SamplingParams(temperature=0.7, top_k=20, seed=4),
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=1.2, top_p=0.8, seed=5),
+        SamplingParams(temperature=0.9, top_k=50, top_p=0.9, seed=6),
+        SamplingParams(temperature=1.0),  # unseeded: torch's default generator, in the same draw
+    ]
+    seqs = [Sequence(f"r{i}", [1], p) for i, p in enumerate(rows)]
+    generators = [None if p.seed is None else torch.Generator().manual_seed(p.seed) for p in rows]
+    for step in range(5):
+        logits = torch.randn(len(rows), 200, generator=torch.Generator().manual_seed(step)) * 3
+        tokens = sample(logits, seqs)
+        for i, p in enumerate(rows[:-1]):
+            assert tokens[i] == per_row_draw(logits[i], p, generators[i]), (step, i)
+        assert 0 <= tokens[-1] < 200
 
 
 # ---- n > 1 ----

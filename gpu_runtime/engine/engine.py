@@ -17,7 +17,7 @@ import torch
 from gpu_runtime.allocator import Allocator, TorchAllocator
 from gpu_runtime.engine.block_manager import BlockManager
 from gpu_runtime.engine.grammar import GrammarCompiler
-from gpu_runtime.engine.logprobs import prompt_logprobs, token_logprobs
+from gpu_runtime.engine.logprobs import prompt_logprobs
 from gpu_runtime.engine.model import LlamaModel
 from gpu_runtime.engine.model_runner import ModelRunner
 from gpu_runtime.engine.sampler import sample
@@ -272,8 +272,7 @@ class Engine:
             prompt_logprobs(self.model.logits, ph.seq, ph.first, ph.hidden)
         sampled = [c.seq for c in batch.chunks if c.samples]
         seqs, logits = self._with_forks(sampled, logits) if batch.is_prefill else (sampled, logits)
-        tokens = sample(logits, seqs, self.eos_token_ids) if seqs else []
-        token_logprobs(logits, tokens, seqs)
+        tokens = sample(logits, seqs, self.eos_token_ids, logprobs=True) if seqs else []
         self.scheduler.postprocess(batch, tokens[: len(sampled)])
         for child, token in zip(seqs[len(sampled) :], tokens[len(sampled) :], strict=True):
             copy = self.scheduler.fork(self._seqs[child.request_id][0], child, token)

@@ -17,11 +17,13 @@ names. Between two tokens of a JSON value the grammar allows one space, or one l
 
 In the engine: a ``GrammarState`` per sequence follows the sequence's generated tokens (it catches up, or rolls
 back, to whatever the sequence holds, so preemption, recompute and forked copies need nothing special);
-``choose_constrained`` (the sampler's one call) masks the logits, chooses, has every grammar take its token in one
-parallel llguidance call, and starts the batch's next masks on a background thread, which computes them while the
-engine thread runs the next forward pass; ``apply_grammars`` then gathers them (computing any missing ones, e.g.
-for new sequences) into one bitmask for the rows that have a grammar and applies it to the logits on the device.
-eos is allowed only where the grammar is complete; a sequence finishes as soon as its grammar can't continue.
+the sampler calls ``apply_grammars`` before choosing and ``accept_tokens`` once the tokens are on the host.
+``accept_tokens`` has every grammar take its token in one parallel llguidance call and starts the batch's next
+masks on a background thread, which computes them while the engine thread prepares and launches the next forward
+pass; ``apply_grammars`` then gathers them (computing any missing ones, e.g. for new sequences) into one pinned
+bitmask for the rows that have a grammar and applies it to the logits on the device in one batched mask, without
+waiting for the device (the forward pass may still run). eos is allowed only where the grammar is complete; a
+sequence finishes as soon as its grammar can't continue.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import llguidance
@@ -104,7 +105,7 @@ class GrammarState:
             self._next[1].done.result()
 
     def advance(self, generated: list[int]) -> bool:
-        """Take the newly sampled tokens (normally taken already, by ``choose_constrained``); True when the
+        """Take the newly sampled tokens (normally taken already, by ``accept_tokens``); True when the
         grammar is finished (nothing but eos may follow)."""
         self.sync(generated)
         return self.stopped
@@ -235,17 +236,9 @@ def apply_grammars(logits: torch.Tensor, seqs: list) -> torch.Tensor:
     states = [seqs[i].grammar for i in rows]
     pinned = logits.device.type == "cuda"
     bitmask = fill_bitmask(states, [seqs[i].completion_ids for i in rows], pinned)
-    return apply_bitmask(logits, bitmask, torch.tensor(rows, device=logits.device))
-
-
-def choose_constrained(
-    logits: torch.Tensor, seqs: list, choose: Callable[[torch.Tensor, list], list[int]]
-) -> list[int]:
-    """``choose`` tokens from ``logits`` masked by the sequences' grammars, then feed each token to its grammar
-    and start computing the next masks in the background, so the next step finds them ready."""
-    tokens = choose(apply_grammars(logits, seqs), seqs)
-    accept_tokens(seqs, tokens)
-    return tokens
+    # from pinned memory: queued behind the forward pass, not waiting for it as torch.tensor(..., device=) would
+    index = torch.tensor(rows, pin_memory=pinned).to(logits.device, non_blocking=True)
+    return apply_bitmask(logits, bitmask, index)
 
 
 def accept_tokens(seqs: list, tokens: list[int]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from gpu_runtime.engine.sequence import Sequence
+from gpu_runtime.engine.sequence import Sequence, to_device
 
 
 def adjust_logits(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int, ...]) -> torch.Tensor:
@@ -19,7 +19,7 @@ def adjust_logits(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tup
     if not rows:
         return logits
     sub = [seqs[i] for i in rows]
-    index = torch.tensor(rows, device=logits.device)
+    index = to_device(rows, logits.device)
     x = logits[index]  # a copy
     _mask_stops(x, sub, eos_token_ids)
     _add_bias(x, sub)
@@ -34,7 +34,7 @@ def _mask_stops(x: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int,
             stops = s.params.stop_token_ids + (() if s.params.ignore_eos else eos_token_ids)
             cells += [(r, t) for t in stops if t < x.shape[1]]
     if cells:
-        r, t = torch.tensor(cells, device=x.device).T
+        r, t = to_device(cells, x.device).T
         x[r, t] = float("-inf")
 
 
@@ -42,14 +42,13 @@ def _add_bias(x: torch.Tensor, seqs: list[Sequence]) -> None:
     cells = [(r, t, b) for r, s in enumerate(seqs) for t, b in s.params.logit_bias]
     if cells:
         r, t, b = zip(*cells, strict=True)
-        dev = x.device
-        x.index_put_((torch.tensor(r, device=dev), torch.tensor(t, device=dev)), torch.tensor(b, device=dev), True)
+        x.index_put_((to_device(r, x.device), to_device(t, x.device)), to_device(b, x.device, x.dtype), True)
 
 
 def _counts(ids: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
     """[rows, vocab] occurrence counts of each row's token ids (padding goes to a dropped extra column)."""
     width = max(1, max(len(r) for r in ids))
-    padded = torch.tensor([r + [vocab] * (width - len(r)) for r in ids], device=device)
+    padded = to_device([r + [vocab] * (width - len(r)) for r in ids], device)
     counts = torch.zeros(len(ids), vocab + 1, device=device)
     return counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=counts.dtype))[:, :vocab]
 
@@ -68,7 +67,7 @@ def _history(seqs: list[Sequence], vocab: int, device: torch.device) -> tuple[to
     prompts = torch.stack([s.penalty_history[1] for s in seqs])
     cells = [(r, t) for r, s in enumerate(seqs) for t in s.completion_ids[s.penalty_history[2] :]]
     if cells:
-        r, t = torch.tensor(cells, device=device).T
+        r, t = to_device(cells, device).T
         counts.index_put_((r, t), torch.ones(len(cells), device=device), accumulate=True)
     for r, s in enumerate(seqs):
         s.penalty_history = (counts[r], prompts[r], s.num_completion)  # views of this step's stacks
@@ -83,7 +82,7 @@ def _penalize(x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         return x
     dev = x.device
     out, prompt = _history(seqs, x.shape[1], dev)
-    column = lambda vals: torch.tensor(vals, device=dev, dtype=x.dtype)[:, None]  # noqa: E731
+    column = lambda vals: to_device(vals, dev, x.dtype)[:, None]  # noqa: E731
     if repetition:
         rep = column([p.repetition_penalty for p in ps])
         x = torch.where(prompt | (out > 0), torch.where(x > 0, x / rep, x * rep), x)

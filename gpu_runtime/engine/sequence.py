@@ -16,6 +16,14 @@ from protocol.messages import FinishReason, SamplingParams, TopLogprobs
 Logprob = tuple[float, TopLogprobs]
 
 
+def to_device(values: list | tuple, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``values`` as a tensor on ``device``, without waiting for the device: ``torch.tensor(values, device=...)``
+    waits for all queued work (e.g. the forward pass whose logits a step is sampling from), while a copy from
+    pinned memory is only queued behind it."""
+    host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
+
+
 def validate_prompt(request_id: str, prompt_ids: list[int], vocab: int, max_model_len: int) -> None:
     """InvalidRequest (a ValueError: the client's mistake, answered 400) unless the prompt is non-empty token
     ids of the vocabulary leaving room for one more token."""

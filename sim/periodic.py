@@ -5,10 +5,14 @@
 - `STEADY` functions (two Llama-13B, two Llama-7B) carry `STEADY_SHARE` of the mean rate all the time: they stay
   HOT, and their KV pools (sized for their recent peak) are mostly idle: the memory lending can use.
 - `GROUPS` x `PER_GROUP` Llama-7B functions carry the rest in bursts: each group sends all of its traffic in one
-  fixed 5-minute window of every hour (group g at minute 10 + 20 g), the same window every hour of every day, so
-  a forecaster that has seen yesterday knows when; the functions of a group arrive together, cold.
-- One worker of `GPUS` GPUs cannot hold every function (24 x 13.5 GB of bursty weights next to the steady ones),
-  and with `host_gb` below the weights' total the host cache cannot either: a cold copy is a disk read.
+  fixed 5-minute window of every hour (`burst_window`: group g at minute 5 + 10 g, a 5-minute gap between two
+  groups' bursts), the same window every hour of every day, so a forecaster that has seen yesterday knows when;
+  the functions of a group arrive together, cold.
+- One worker of `GPUS` 48-GB GPUs (`--override gpu_memory_bytes=48e9`) cannot hold every function's weights
+  (24 x 13.5 GB of bursty ones next to 79 GB of steady ones, against 352 GB): between two bursts the next group
+  must be swapped in, which is what prewarming is for. With 3 groups (until issue 12's fourth round) every
+  weight stayed on the GPUs and reacting cost only a pool activation. With `host_gb` below the weights' total
+  the host cache cannot hold them either: a cold copy is a disk read.
 
 Outputs bench/results/sim_periodic.json. Run: python -m sim.periodic [--rates 4,8] [--duration 3600]
 [--host-gb 512,64] [--override gpu_memory_bytes=48e9] [--variants ...]
@@ -36,7 +40,7 @@ from sim.scenario import Scenario, assemble, run_policy
 DAY = 86_400
 STEADY = ["llama-13b", "llama-13b", "llama-7b", "llama-7b"]
 STEADY_SHARE = 0.5
-GROUPS, PER_GROUP = 3, 4
+GROUPS, PER_GROUP = 6, 4
 GPUS = 8
 BURSTY = "llama-7b"
 SLOT_S = 300  # one forecast window: a burst fills exactly one
@@ -71,8 +75,14 @@ def _envelope(n_steady: int, hours: int) -> np.ndarray:
     for g in range(GROUPS):
         rows = slice(n_steady + g * PER_GROUP, n_steady + (g + 1) * PER_GROUP)
         env[rows] = 0.0
-        env[rows, np.arange(hours) * per_hour + 2 + 4 * g] = per_hour
+        env[rows, np.arange(hours) * per_hour + burst_window(g)] = per_hour
     return env
+
+
+def burst_window(g: int) -> int:
+    """The 5-minute window of every hour in which group g sends its traffic: groups evenly spaced over the hour."""
+    spacing = 3600 // SLOT_S // GROUPS
+    return spacing // 2 + spacing * g
 
 
 def run(rates: list[float], duration_s: float, seed: int, host_gbs: list[float], overrides: dict | None,

@@ -180,7 +180,26 @@ def test_requests_waiting_may_take_an_idle_copy_of_a_more_forecast_function():
     specs = [spec("top", kv=60), spec("low", kv=60)]
     v = view([worker("w0", 3, free=[2, 2, 2], cached=("top", "low"))], specs, inst)
     preds = {"top": Prediction(2.0, 8.0), "low": Prediction(1.0, 1.0)}
-    assert plan(v, preds, 0.0) == []  # no queue: the forecast decides
+    assert plan(v, preds, 30.0) == []  # no queue: the forecast decides
     queued = replace(v, load={"low": Load(arrivals_rps=1.0, inflight=4, queued=5)})
-    acts = [(a.kind, a.function, a.gpus) for a in plan(queued, preds, 0.0)]
+    # top's copy served a request 5 s ago: about to be used again, it is not taken (no ping-pong)
+    assert plan(queued, preds, 5.0) == []
+    acts = [(a.kind, a.function, a.gpus) for a in plan(queued, preds, 30.0)]
     assert acts == [("deactivate", "top", (0,)), ("evict", "top", (0,)), ("prewarm", "low", (0,))]
+
+
+def test_saturated_pools_add_a_copy_before_requests_queue():
+    # An exact forecast (peak == mean) says two copies serve the rate, but both copies' KV pools are nearly full
+    # (a copy runs below its nominal capacity next to busy neighbours): one more is activated before anything
+    # queues, and none while the pools have room.
+    def hot(g: int, used: float) -> Instance:
+        return Instance("a", "w0", (g,), ModelState.HOT, 0, 0, inflight=40, kv_used_bytes=int(used * GB),
+                        kv_reserved_bytes=30 * GB)  # fmt: skip
+
+    warm = Instance("a", "w0", (2,), ModelState.WARM, 0, 0)
+    load = {"a": Load(arrivals_rps=12.0, inflight=80)}
+    preds = {"a": Prediction(12.0, 12.0)}
+    roomy = view([worker("w0", 4, cached=("a",))], [spec("a")], [hot(0, 10), hot(1, 10), warm], load)
+    assert [a.kind for a in plan(roomy, preds, 0.0)] == []
+    full = replace(roomy, instances=(hot(0, 27), hot(1, 28), warm))
+    assert [(a.kind, a.gpus) for a in plan(full, preds, 0.0)] == [("activate", (2,))]

@@ -6,7 +6,9 @@
    bursts are served by activating WARM copies). The forecast's peak bounds the window's mean rate (its
    uncertainty); bursts *inside* a window are the planner's margin, so an exact forecast (peak = mean) still
    gets room for them and a better forecast never leaves less room than the arrivals need;
-   reactive scale-up adds one more when requests queue and nothing is on its way (a burst the forecast missed);
+   reactive scale-up adds one more when requests queue and nothing is on its way (a burst the forecast missed),
+   or when every HOT copy's KV pool is nearly full (`_SATURATED`): the forecast's capacity is nominal, a copy
+   next to busy neighbours serves less, and an exact forecast must not leave the function to queue first;
 2. activates WARM copies up to the HOT target, deactivates HOT ones idle past keep_alive_s beyond it, evicts
    WARM ones idle past keep_alive_s beyond the resident target;
 3. prewarms the missing copies on the GPU group with the lowest cost, where cost says:
@@ -38,6 +40,7 @@ _W_LEND = 1.0  # per fraction of the shard placed in lent KV memory, scaled by t
 _W_DISK = 4.0  # the worker must read the weights from disk first
 _W_EVICT = 8.0  # per unit of forecast demand of an evicted copy (plus a fixed 1)
 _W_OVERLOAD = 20.0  # per unit of forecast compute demand above one GPU's worth
+_SATURATED = 0.8  # share of its KV pool a HOT copy uses when it counts as saturated (reactive scale-up)
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,10 @@ class Options:
     # Disk -> host reads in flight per worker a prewarm may add to (a starved function's always may): reads queue
     # on one disk, so speculative ones for rarely used functions would delay the reads waiting requests need.
     max_disk_reads: int = 2
+    # A function whose requests queue may evict another function's idle copy only if that copy has been idle this
+    # long: a copy used a moment ago is about to be used again, and evicting it makes its function queue in turn
+    # (copies ping-pong between two functions; on 48-GB GPUs ~1,000 such evictions in 30 min).
+    waiting_victim_idle_s: float = 10.0
 
 
 DEFAULT_OPTIONS = Options()
@@ -153,7 +160,12 @@ def _pool_fits(view: ClusterView, x: Instance, spec: FunctionSpec, demand: dict[
 def _reactive(view: ClusterView, spec: FunctionSpec, hot: list[Instance]) -> int:
     """One more instance when requests queue and every HOT copy is busy: a burst the forecast did not see."""
     load = view.load.get(spec.name, Load())
-    return 1 if load.queued > 0 and all(x.inflight > 0 for x in hot) else 0
+    if load.queued > 0 and all(x.inflight > 0 for x in hot):
+        return 1
+    # Every HOT copy's KV pool nearly full: the next requests will queue whatever the forecast said (a copy runs
+    # slower than its nominal capacity next to busy neighbours, and requests vary in size): add one before they do.
+    full = [x for x in hot if x.kv_reserved_bytes and x.kv_used_bytes >= _SATURATED * x.kv_reserved_bytes]
+    return 1 if hot and len(full) == len(hot) else 0
 
 
 def _prewarm(
@@ -173,7 +185,7 @@ def _prewarm(
     out: list[Action] = []
     total = len(_of(view, spec.name, ModelState.HOT, ModelState.WARM, ModelState.LOADING))
     for _ in range(min(want - len(resident), spec.max_instances - total)):
-        best = _best_group(view, spec, demand, options)
+        best = _best_group(view, spec, demand, options, now)
         if best is None:
             break
         steps = best
@@ -187,6 +199,7 @@ def _best_group(
     spec: FunctionSpec,
     demand: dict[str, _Demand],
     options: Options = DEFAULT_OPTIONS,
+    now: float = 0.0,
 ) -> list[Action] | None:
     """Cheapest [evict..., load_host?, prewarm] that puts one more copy of `spec` on some GPU group."""
     mine = demand[spec.name]
@@ -200,7 +213,7 @@ def _best_group(
         for gpus in _groups(w, spec.tp):
             if any(x.function == spec.name and x.worker == w.name and set(x.gpus) & set(gpus) for x in view.instances):
                 continue
-            got = _fit(view, w, gpus, spec, demand)
+            got = _fit(view, w, gpus, spec, demand, now, options.waiting_victim_idle_s)
             if got is None:
                 continue
             cost, evictions = got
@@ -245,12 +258,14 @@ def _fit(
     gpus: tuple[int, ...],
     spec: FunctionSpec,
     demand: dict[str, _Demand],
+    now: float = 0.0,
+    idle_s: float = 0.0,
 ) -> tuple[float, list[Instance]] | None:
     """(cost, copies to evict) to fit one shard of `spec` on each of `gpus`, and its KV pool once activated, or
     None if it cannot fit. Victims are idle copies (WARM, or HOT with nothing running) of functions with less
-    forecast demand, or, when requests of `spec` wait, of functions with none waiting (a forecast must not keep
-    a busy function queueing behind idle copies: with long contexts, a GPU per copy, it otherwise does); least
-    demand first. A HOT victim gives back its weights and its pool."""
+    forecast demand, or, when requests of `spec` wait, of functions with none waiting whose copy has been idle
+    `idle_s` (a forecast must not keep a busy function queueing behind idle copies: with long contexts, a GPU per
+    copy, it otherwise does); least demand first. A HOT victim gives back its weights and its pool."""
     by_index = {g.index: g for g in w.gpus}
     need = spec.shard_bytes + spec.kv_bytes
     mine, waiting = demand[spec.name].rank, demand[spec.name].waiting
@@ -268,7 +283,12 @@ def _fit(
                 x
                 for x in here
                 if _idle(x)
-                and (demand[x.function].rank < mine or waiting and not demand[x.function].waiting)
+                and (
+                    demand[x.function].rank < mine
+                    or waiting
+                    and not demand[x.function].waiting
+                    and now - x.last_used >= idle_s
+                )
                 and x not in evict
             ),
             key=lambda x: (x.state is ModelState.HOT, demand[x.function].util, x.last_used),

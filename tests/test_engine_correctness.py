@@ -94,6 +94,20 @@ def test_few_seqs_at_a_time(llama):
     assert [o.token_ids for o in outs] == expected
 
 
+def test_short_prompts_prefill_as_decode_rows_in_groups(tmp_path):
+    """Six short prompts prefilled together as decode rows, in replays of at most max_num_seqs rows (8 here)."""
+    path = str(tmp_path / "m")
+    hf = build_model(path, "llama", seed=5)
+    batch = prompts(hf.config.vocab_size, [3, 5, 2, 7, 4, 6], seed=6)
+    engine = Engine.from_pretrained(path, max_num_seqs=8, block_size=4)
+    calls = []
+    run_rows = engine.runner._run_rows
+    engine.runner._run_rows = lambda *a: calls.append(len(a[0])) or run_rows(*a)
+    outs = engine.generate(batch, GREEDY)
+    assert calls[:6] == [8, 2, 7, 4, 6, 6]  # the prefill step: whole prompts grouped in order; a decode step
+    assert [o.token_ids for o in outs] == [hf_greedy(hf, p, GREEDY.max_tokens) for p in batch]
+
+
 def test_sequence_longer_than_cache_finishes_with_length(llama):
     path, batch, _ = llama
     engine = Engine.from_pretrained(path, num_kv_blocks=3, block_size=4)  # 12 tokens in all

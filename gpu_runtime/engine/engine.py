@@ -331,7 +331,8 @@ class Engine:
 
     def _output(self, seq: Sequence, reason: FinishReason | None) -> StepOutput:
         """The tokens (and their logprobs) ``seq`` produced since its last output."""
-        out = StepOutput(seq.request_id, seq.completion_ids[seq.num_returned :], reason is not None, reason, seq.index)
+        new = seq.token_ids[seq.num_prompt_tokens + seq.num_returned :]  # not completion_ids: a copy of them all
+        out = StepOutput(seq.request_id, new, reason is not None, reason, seq.index)
         if seq.index == 0 and seq.num_returned == 0 and not seq.needs_prompt_logits:  # once, and only whole
             out.prompt_logprobs = seq.prompt_logprobs
         seq.num_returned = seq.num_completion

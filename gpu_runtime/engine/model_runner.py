@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from array import array
 from dataclasses import dataclass
 
 import torch
@@ -161,25 +162,38 @@ class ModelRunner:
         return self.model.logits(hidden[t(last)]), prompt
 
     def _as_rows(self, batch: Batch) -> bool:
-        """A prefill batch small enough to run as decode rows (see ``_prefill_as_rows``)."""
-        rows = sum(c.end - c.start for c in batch.chunks)
-        return rows <= self.graph_sizes[-1] and not any(c.seq.needs_prompt_logits for c in batch.chunks)
+        """A prefill whose chunks are each short enough to run as decode rows (see ``_prefill_as_rows``)."""
+        limit = self.graph_sizes[-1]
+        return all(c.end - c.start <= limit and not c.seq.needs_prompt_logits for c in batch.chunks)
 
     def _prefill_as_rows(self, batch: Batch) -> torch.Tensor:
-        """A small prefill (a prefix-cache hit's uncached tail, a recompute's rest, several short prompts at once)
-        run as decode rows: one row per new token, attending through the paged decode kernel to its sequence's
-        positions up to its own. Rows are written to the cache before any row's attention reads it (layer by
-        layer), so each sees exactly its causal context; and the step replays a decode CUDA graph, where the
-        eager prefill would pay ~15 kernel launches per layer from Python for a handful of tokens."""
-        ids, positions, tables, last = [], [], [], []
+        """Short prefill chunks (a prefix-cache hit's uncached tail, a recompute's rest, the prompts of requests
+        arriving while others decode) run as decode rows: one row per new token, attending through the paged
+        decode kernel to its sequence's positions up to its own. Rows are written to the cache before any row's
+        attention reads it (layer by layer), so each sees exactly its causal context, and a step replays decode
+        CUDA graphs where the eager prefill pays ~15 kernel launches per layer and sequence from Python.
+        Sequences never attend to each other, so chunks are grouped into replays of at most the largest graph."""
+        limit, groups, group = self.graph_sizes[-1], [], []
         for c in batch.chunks:
+            if sum(g.end - g.start for g in group) + c.end - c.start > limit:
+                groups.append(group)
+                group = []
+            group.append(c)
+        groups.append(group)
+        logits = [self._chunk_rows(g) for g in groups]
+        return logits[0] if len(logits) == 1 else torch.cat(logits)
+
+    def _chunk_rows(self, chunks: list) -> torch.Tensor:
+        """Logits of the chunks' sampling rows, in order."""
+        ids, positions, tables, last = [], [], [], []
+        for c in chunks:
             ids += c.seq.token_ids[c.start : c.end]
             positions += range(c.start, c.end)
             tables += [c.seq.block_table] * (c.end - c.start)
             if c.samples:
                 last.append(len(ids) - 1)
         logits = self._run_rows(ids, positions, tables)
-        return logits[torch.tensor(last, dtype=torch.long, device=logits.device)]
+        return logits[torch.tensor(last, dtype=torch.long).to(logits.device, non_blocking=True)]
 
     def _decode(self, batch: Batch) -> torch.Tensor:
         seqs = [c.seq for c in batch.chunks]
@@ -193,20 +207,27 @@ class ModelRunner:
         blocks = [t[p // self.block_size] for t, p in zip(tables, positions, strict=True)]
         offsets = [p % self.block_size for p in positions]
         width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
+        # Built through array: nested lists into torch.tensor cost about a microsecond an element.
+        zeros, flat = [0] * width, array("q")
+        for t in tables:
+            flat.extend(t)
+            flat.extend(zeros[len(t) :])
+        padded = torch.frombuffer(flat, dtype=torch.long).view(n, width)
         lens = [p + 1 for p in positions]
         graph_bs = next((b for b in self.graph_sizes if b >= n), None) if self.use_cuda_graphs else None
         if graph_bs is None:
             t = lambda x, dt: torch.tensor(x, dtype=dt).to(self.device, non_blocking=True)  # noqa: E731
             meta = AttnMeta(False, t(blocks, self._index_dtype), t(offsets, self._index_dtype))
-            meta.block_tables, meta.context_lens = t(padded, torch.int32), t(lens, torch.int32)
+            meta.block_tables = padded.to(self.device, torch.int32, non_blocking=True)
+            meta.context_lens = t(lens, torch.int32)
             hidden = self.model.forward(t(ids, torch.long), t(positions, torch.long), meta, self.kv_caches)
             return self.model.logits(hidden)
         graph, logits = self._graph(graph_bs)  # capture first: capturing resets the static inputs
-        pad = graph_bs - n
-        header = [ids + [0] * pad, positions + [0] * pad, blocks + [-1] * pad, offsets + [0] * pad, lens + [0] * pad]
-        self._header[:, :graph_bs].copy_(torch.tensor(header), non_blocking=True)
-        self._tables[:n, :width].copy_(torch.tensor(padded), non_blocking=True)
+        pad = [0] * (graph_bs - n)
+        header = array("q", ids + pad + positions + pad + blocks + [-1] * len(pad) + offsets + pad + lens + pad)
+        header = torch.frombuffer(header, dtype=torch.long).view(5, graph_bs)
+        self._header[:, :graph_bs].copy_(header, non_blocking=True)
+        self._tables[:n, :width].copy_(padded, non_blocking=True)
         graph.replay()
         return logits[:n]
 

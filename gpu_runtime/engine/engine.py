@@ -270,7 +270,7 @@ class Engine:
         logits, prompt_hidden = self.runner.execute(batch)
         for ph in prompt_hidden:
             prompt_logprobs(self.model.logits, ph.seq, ph.first, ph.hidden)
-        sampled = [c.seq for c in batch.chunks if c.samples]
+        sampled = [c.seq for c in batch.chunks if c.samples] if batch.is_prefill else [c.seq for c in batch.chunks]
         seqs, logits = self._with_forks(sampled, logits) if batch.is_prefill else (sampled, logits)
         tokens = sample(logits, seqs, self.eos_token_ids, logprobs=True) if seqs else []
         self.scheduler.postprocess(batch, tokens[: len(sampled)])
@@ -330,15 +330,16 @@ class Engine:
         return outputs
 
     def _output(self, seq: Sequence, reason: FinishReason | None) -> StepOutput:
-        """The tokens (and their logprobs) ``seq`` produced since its last output."""
-        new = seq.token_ids[seq.num_prompt_tokens + seq.num_returned :]  # not completion_ids: a copy of them all
-        out = StepOutput(seq.request_id, new, reason is not None, reason, seq.index)
-        if seq.index == 0 and seq.num_returned == 0 and not seq.needs_prompt_logits:  # once, and only whole
+        """The tokens (and their logprobs) ``seq`` produced since its last output (per sequence per step: kept
+        to plain attribute reads)."""
+        start = seq.num_prompt_tokens + seq.num_returned
+        out = StepOutput(seq.request_id, seq.token_ids[start:], reason is not None, reason, seq.index)
+        if seq.num_returned == 0 and seq.index == 0 and not seq.needs_prompt_logits:  # once, and only whole
             out.prompt_logprobs = seq.prompt_logprobs
-        seq.num_returned = seq.num_completion
-        if seq.params.logprobs is not None:
-            out.logprobs, seq.logprobs = seq.logprobs, []
+        seq.num_returned = len(seq.token_ids) - seq.num_prompt_tokens
         if seq.wants_logprobs:
+            if seq.params.logprobs is not None:
+                out.logprobs, seq.logprobs = seq.logprobs, []
             out.cumulative_logprob = seq.cumulative_logprob
         return out
 

@@ -114,8 +114,12 @@ class Scheduler:
 
     def _schedule_decode(self) -> Batch:
         scheduled: list[Sequence] = []
+        bs = self.blocks.block_size
         while self.running:
             seq = self.running.popleft()
+            if len(seq.token_ids) <= len(seq.block_table) * bs:  # its next slot is in a block it holds: most steps
+                scheduled.append(seq)
+                continue
             while not self._reserve(self.blocks.blocks_needed(seq, len(seq))):
                 self._preempt(self.running.pop() if self.running else seq)
                 if seq.status is Status.WAITING:
@@ -163,6 +167,15 @@ class Scheduler:
 
     def postprocess(self, batch: Batch, sampled: list[int]) -> None:
         """Advance sequences past this step's tokens and append the sampled ones (in ``samples`` order)."""
+        if not batch.is_prefill:  # every chunk is one token that samples (the hot path, per sequence per step)
+            bs = self.blocks.block_size
+            for chunk, token in zip(batch.chunks, sampled, strict=True):
+                seq = chunk.seq
+                seq.num_cached = chunk.end
+                if seq.num_cached >= (seq.num_committed + 1) * bs:  # a block just filled up
+                    self.blocks.commit(seq)
+                seq.token_ids.append(token)
+            return
         it = iter(sampled)
         partial: list[Sequence] = []
         for chunk in batch.chunks:

@@ -7,7 +7,8 @@ For each shape (Llama-3-8B and Llama-3.2-1B, random bf16 weights generated on th
 - prefix: time to first token of a request sharing a 2048-token prefix with the one before, over the first's;
 - steady: 256 requests in flight (closed loop), sizes drawn from the Azure LLM 2023 conversation trace, output
   tokens/s over the window where all 256 run, against the roofline of the very steps the engine ran (each
-  decode step reads the weights and every sequence's KV at HBM speed, each prefill runs at the matmul rate);
+  decode step reads the weights and every sequence's KV at HBM speed, each prefill runs at the matmul rate, a
+  step mixing both takes the longer of the two);
 - grammar: decode throughput at batch 32 with every sequence under a JSON-schema grammar, against the same batch
   unconstrained (bench/grammar_cost.py; the issue's bound is a ratio >= 0.9), the median of interleaved rounds
   (--cost-rounds, 5, of --cost-steps, 256, decode steps per run);
@@ -44,6 +45,7 @@ from bench.grammar_cost import bench_grammar  # noqa: E402
 from bench.logprobs_cost import bench_logprobs  # noqa: E402
 from gpu_runtime import Engine, SamplingParams  # noqa: E402
 from gpu_runtime.engine import ops  # noqa: E402
+from gpu_runtime.engine.sequence import Status  # noqa: E402
 from gpu_runtime.fp8 import quantize_rows, scaled_mm_supported  # noqa: E402
 from gpu_runtime.weights import plan_weights  # noqa: E402
 from modelinfo.config import FP8_ELEMENT  # noqa: E402
@@ -330,13 +332,19 @@ class StepLog:
         engine.runner.execute = self.execute
 
     def execute(self, batch):
-        if batch.is_prefill:
-            for c in batch.chunks:
-                n = c.end - c.start
-                self.bound_s += prefill_seconds(self.cfg, n, c.start, c.samples, self.rates, self.fp8)
-        else:
-            kv = sum(len(c.seq) for c in batch.chunks) * self.kv_per_token
-            self.bound_s += (self.weight_bytes + kv) / self.rates["bandwidth"]
+        """A step's bound: its decode rows read the weights and their KV at HBM speed, its prompt chunks run at
+        the matmul rate; a mixed step takes the longer of the two (its prompt rows ride on the same weight read)."""
+        decoding = [c for c in batch.chunks if c.seq.status is Status.RUNNING]
+        compute = sum(
+            prefill_seconds(self.cfg, c.end - c.start, c.start, c.samples, self.rates, self.fp8)
+            for c in batch.chunks
+            if c.seq.status is not Status.RUNNING
+        )
+        memory = 0.0
+        if decoding:
+            kv = sum(len(c.seq) for c in decoding) * self.kv_per_token
+            memory = (self.weight_bytes + kv) / self.rates["bandwidth"]
+        self.bound_s += max(memory, compute)
         return self._execute(batch)
 
     def close(self) -> None:

@@ -74,6 +74,24 @@ def test_eos_from_generation_config(tmp_path, model):
     assert engine.generate([prompt], greedy(10, ignore_eos=True))[0].token_ids == ref
 
 
+def test_short_prompt_joins_the_decode_step(engine, model):
+    """A short prompt arriving while another request decodes is prefilled in that request's next step (a mixed
+    step: nobody waits for a prefill step), and both stay token-identical to transformers."""
+    a, c = prompts(128, [5, 3], seed=13)
+    engine.add_request("a", a, greedy(8, ignore_eos=True))
+    got = {"a": engine.step()[0].new_token_ids, "c": []}  # a's prefill
+    engine.add_request("c", c, greedy(5, ignore_eos=True))
+    first = {o.request_id: o.new_token_ids for o in engine.step()}
+    assert set(first) == {"a", "c"} and len(first["a"]) == len(first["c"]) == 1
+    for rid, ids in first.items():
+        got[rid] += ids
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[out.request_id] += out.new_token_ids
+    assert got["a"] == hf_greedy(model[1], a, 8)
+    assert got["c"] == hf_greedy(model[1], c, 5)
+
+
 def test_streaming_add_abort(engine, model):
     a, b, c = prompts(128, [5, 8, 3], seed=12)
     engine.add_request("a", a, greedy(10, ignore_eos=True))

@@ -19,7 +19,7 @@ from gpu_runtime.engine.block_manager import BlockManager
 from gpu_runtime.engine.grammar import GrammarCompiler
 from gpu_runtime.engine.logprobs import prompt_logprobs
 from gpu_runtime.engine.model import LlamaModel
-from gpu_runtime.engine.model_runner import ModelRunner
+from gpu_runtime.engine.model_runner import ROW_PREFILL_TOKENS, ModelRunner
 from gpu_runtime.engine.sampler import sample
 from gpu_runtime.engine.scheduler import Scheduler
 from gpu_runtime.engine.sequence import (
@@ -111,7 +111,9 @@ class Engine:
         # The prefix cache's salt: the model and dtype, plus the caller's serving identity (the worker's key).
         salt = f"{self.model_dir}:{self.dtype}:{prefix_salt}" if prefix_caching else None
         self.blocks = BlockManager(0, block_size, salt)
-        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, self._grow)
+        self.scheduler = Scheduler(
+            self.blocks, max_num_seqs, max_num_batched_tokens, self._grow, self.runner.max_rows, ROW_PREFILL_TOKENS
+        )
         self.grammars = GrammarCompiler(model_dir, self.config.vocab_size, self.config.eos_token_ids)
         self.kv_pressure_hook: Callable[[int], int] | None = None
         self._kv_buffer: torch.Tensor | None = None

@@ -38,7 +38,10 @@ class PromptHidden:
     hidden: torch.Tensor
 
 
-GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+# The longest prefill chunk run as decode rows: each row reads its whole context, so the attention's traffic grows
+# with rows x context (a 256-token prompt's rows read 64 MB a layer on a 1B shape; flash prefill reads it once).
+ROW_PREFILL_TOKENS = 256
 # Beyond 2048 tokens even a 1B model's prefill is GPU-bound, so larger prompts run eagerly.
 PREFILL_GRAPH_TOKENS = (64, 128, 256, 384, 512, 768, 1024, 1536, 2048)
 
@@ -65,7 +68,10 @@ class ModelRunner:
         # Slot indices: int32 for the Triton kernels on CUDA, int64 for torch indexing on CPU.
         self._index_dtype = torch.int32 if device.type == "cuda" else torch.long
         self.use_cuda_graphs = use_cuda_graphs and device.type == "cuda"
-        self.graph_sizes = [b for b in GRAPH_BATCH_SIZES if b < max_num_seqs] + [max_num_seqs]
+        # Rows of one replay: a full decode batch plus as many rows of arriving prompts (mixed steps, scheduler.py).
+        self.max_num_seqs = max_num_seqs
+        self.max_rows = 2 * max_num_seqs
+        self.graph_sizes = [b for b in GRAPH_BATCH_SIZES if b < self.max_rows] + [self.max_rows]
         self.graphs: dict[tuple[tuple[int, int], int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.prefill_graphs: dict[tuple[tuple[int, int], int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if self.use_cuda_graphs:
@@ -75,6 +81,9 @@ class ModelRunner:
             # block, slot offset, context length] per sequence, and the block tables.
             self._header = torch.zeros(5, n, dtype=torch.long, device=device)
             self._tables = torch.zeros(n, self.max_blocks_per_seq, dtype=torch.long, device=device)
+            # The rows whose logits are taken (one per sequence at most, so at most max_num_seqs of them): logits
+            # of every row of a mixed replay would be [rows, vocab] float32, 256 MB for 512 rows of a 128k vocab.
+            self._sample = torch.zeros(max_num_seqs, dtype=torch.long, device=device)
             # Prefill graph inputs: rows of [input id, position, slot block, slot offset], and the sampled row.
             self._prefill_in = torch.zeros(4, PREFILL_GRAPH_TOKENS[-1], dtype=torch.long, device=device)
             self._prefill_last = torch.zeros(1, dtype=torch.long, device=device)
@@ -163,8 +172,8 @@ class ModelRunner:
 
     def _as_rows(self, batch: Batch) -> bool:
         """A prefill whose chunks are each short enough to run as decode rows (see ``_prefill_as_rows``)."""
-        limit = self.graph_sizes[-1]
-        return all(c.end - c.start <= limit and not c.seq.needs_prompt_logits for c in batch.chunks)
+        longest = min(ROW_PREFILL_TOKENS, self.max_rows)
+        return all(c.end - c.start <= longest and not c.seq.needs_prompt_logits for c in batch.chunks)
 
     def _prefill_as_rows(self, batch: Batch) -> torch.Tensor:
         """Short prefill chunks (a prefix-cache hit's uncached tail, a recompute's rest, the prompts of requests
@@ -172,10 +181,11 @@ class ModelRunner:
         decode kernel to its sequence's positions up to its own. Rows are written to the cache before any row's
         attention reads it (layer by layer), so each sees exactly its causal context, and a step replays decode
         CUDA graphs where the eager prefill pays ~15 kernel launches per layer and sequence from Python.
-        Sequences never attend to each other, so chunks are grouped into replays of at most the largest graph."""
-        limit, groups, group = self.graph_sizes[-1], [], []
+        Sequences never attend to each other, so chunks are grouped into replays of at most the largest graph. A
+        mixed step's decode chunks (one token each) are rows like any other."""
+        limit, groups, group = self.max_rows, [], []
         for c in batch.chunks:
-            if sum(g.end - g.start for g in group) + c.end - c.start > limit:
+            if group and sum(g.end - g.start for g in group) + c.end - c.start > limit:
                 groups.append(group)
                 group = []
             group.append(c)
@@ -192,17 +202,19 @@ class ModelRunner:
             tables += [c.seq.block_table] * (c.end - c.start)
             if c.samples:
                 last.append(len(ids) - 1)
-        logits = self._run_rows(ids, positions, tables)
-        return logits[torch.tensor(last, dtype=torch.long).to(logits.device, non_blocking=True)]
+        return self._run_rows(ids, positions, tables, last)
 
     def _decode(self, batch: Batch) -> torch.Tensor:
         seqs = [c.seq for c in batch.chunks]
         ids = [s.token_ids[-1] for s in seqs]
-        return self._run_rows(ids, [len(s) - 1 for s in seqs], [s.block_table for s in seqs])
+        rows = range(len(seqs))
+        return self._run_rows(ids, [len(s) - 1 for s in seqs], [s.block_table for s in seqs], rows)
 
-    def _run_rows(self, ids: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:
-        """Logits of one token per row (``ids[i]`` at ``positions[i]`` of the sequence whose blocks are
-        ``tables[i]``), each attending to positions ``<= positions[i]`` through the paged decode kernel."""
+    def _run_rows(
+        self, ids: list[int], positions: list[int], tables: list[list[int]], sample: list[int] | range
+    ) -> torch.Tensor:
+        """One token per row (``ids[i]`` at ``positions[i]`` of the sequence whose blocks are ``tables[i]``), each
+        attending to positions ``<= positions[i]`` through the paged decode kernel; logits of rows ``sample``."""
         n = len(ids)
         blocks = [t[p // self.block_size] for t, p in zip(tables, positions, strict=True)]
         offsets = [p % self.block_size for p in positions]
@@ -221,15 +233,23 @@ class ModelRunner:
             meta.block_tables = padded.to(self.device, torch.int32, non_blocking=True)
             meta.context_lens = t(lens, torch.int32)
             hidden = self.model.forward(t(ids, torch.long), t(positions, torch.long), meta, self.kv_caches)
-            return self.model.logits(hidden)
+            return self.model.logits(hidden[t(list(sample), torch.long)])
         graph, logits = self._graph(graph_bs)  # capture first: capturing resets the static inputs
         pad = [0] * (graph_bs - n)
         header = array("q", ids + pad + positions + pad + blocks + [-1] * len(pad) + offsets + pad + lens + pad)
         header = torch.frombuffer(header, dtype=torch.long).view(5, graph_bs)
         self._header[:, :graph_bs].copy_(header, non_blocking=True)
         self._tables[:n, :width].copy_(padded, non_blocking=True)
+        static = self._graph_sample(graph_bs)
+        picked = array("q", sample)
+        picked.extend([0] * (len(static) - len(picked)))
+        static.copy_(torch.frombuffer(picked, dtype=torch.long), non_blocking=True)
         graph.replay()
-        return logits[:n]
+        return logits[: len(sample)]
+
+    def _graph_sample(self, bs: int) -> torch.Tensor:
+        """The static sampled-rows input of the graph for ``bs`` rows."""
+        return self._sample[: min(bs, self.max_num_seqs)]
 
     def _graph(self, bs: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         key = (self.kv_key, bs)
@@ -238,8 +258,10 @@ class ModelRunner:
             head[2].fill_(-1)  # the warm-up run must not write into live KV blocks
             head[4].zero_()
             meta = AttnMeta(False, head[2], head[3], block_tables=self._tables[:bs], context_lens=head[4])
+            sample = self._graph_sample(bs)
+            sample.zero_()
             self.graphs[key] = self._capture(
-                lambda: self.model.logits(self.model.forward(head[0], head[1], meta, self.kv_caches)),
+                lambda: self.model.logits(self.model.forward(head[0], head[1], meta, self.kv_caches)[sample]),
                 f"decode batch {bs}",
             )
         return self.graphs[key]

@@ -1,7 +1,10 @@
-"""Continuous batching: each step is either a prefill batch (new prompts, in chunks of at most
-``max_num_batched_tokens``) or a decode batch (one token for every running sequence).
+"""Continuous batching: each step is a decode batch (one token for every running sequence), a prefill batch (new
+prompts, in chunks of at most ``max_num_batched_tokens``), or both at once.
 
-Prefill goes first, so new requests join the running batch at the next step. A sequence starting on no blocks
+A short prompt (at most ``mix_prompt_tokens`` left to compute) arriving while others decode joins their step: its
+rows ride in the same replay as the decode rows (``max_batch_rows`` in all), so an arrival never stalls the
+sequences already running. A longer prompt goes first, in a prefill step of its own, and joins the running batch
+at the next step. A sequence starting on no blocks
 (new, or preempted) first takes the cached blocks of its longest known prefix and prefills only the rest.
 When KV blocks run short the scheduler first asks for more (``grow``: the engine's KV pressure hook) and
 otherwise preempts the most recently admitted sequence: its blocks are freed and it is recomputed later from its
@@ -47,10 +50,14 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         grow: Callable[[int], None],
+        max_batch_rows: int = 0,
+        mix_prompt_tokens: int = 0,
     ) -> None:
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_batch_rows = max_batch_rows  # 0: no mixed steps
+        self.mix_prompt_tokens = mix_prompt_tokens
         self.grow = grow
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
@@ -83,6 +90,8 @@ class Scheduler:
             return self._schedule()
 
     def _schedule(self) -> tuple[Batch | None, list[Sequence]]:
+        if self.running and self.waiting and self._mixable(self.waiting[0]):
+            return self._schedule_mixed(), []
         batch = self._schedule_prefill()
         if batch is None and not self.running and self.waiting:
             return None, self._unblock()
@@ -111,6 +120,30 @@ class Scheduler:
             chunks.append(Chunk(seq, seq.num_cached, end))
             budget -= end - seq.num_cached
         return Batch(chunks, is_prefill=True) if chunks else None
+
+    def _mixable(self, seq: Sequence) -> bool:
+        """Whether ``seq``'s prompt is short enough (after its cached prefix) to join a decode step."""
+        if not self.max_batch_rows or seq.forks_pending or seq.needs_prompt_logits:
+            return False  # n > 1 takes n seats once it samples; prompt logprobs come from an eager prefill
+        self.blocks.match(seq)
+        return len(seq) - seq.num_cached <= self.mix_prompt_tokens
+
+    def _schedule_mixed(self) -> Batch:
+        """Every running sequence's next token, then the waiting head's short prompts while rows, seats and
+        blocks last (in order: a prompt that can't join ends the list)."""
+        decode = self._schedule_decode()
+        chunks, decoding, seats = decode.chunks, len(decode.chunks), len(self.running)
+        rows = decoding
+        while self.waiting and seats < self.max_num_seqs and self._mixable(self.waiting[0]):
+            seq = self.waiting[0]
+            need = len(seq) - seq.num_cached
+            if rows + need > self.max_batch_rows or not self._reserve(self.blocks.blocks_needed(seq, len(seq))):
+                break
+            self.blocks.allocate(seq, len(seq))
+            self.waiting.popleft()
+            chunks.append(Chunk(seq, seq.num_cached, len(seq)))
+            rows, seats = rows + need, seats + 1
+        return Batch(chunks, is_prefill=len(chunks) > decoding)
 
     def _schedule_decode(self) -> Batch:
         scheduled: list[Sequence] = []
@@ -186,7 +219,7 @@ class Scheduler:
                 partial.append(seq)
                 continue
             seq.token_ids.append(next(it))
-            if batch.is_prefill:
+            if seq.status is not Status.RUNNING:  # a prompt's first token (a mixed step's decode rows run already)
                 seq.status = Status.RUNNING
                 self.running.append(seq)
         self.waiting.extendleft(reversed(partial))

@@ -329,7 +329,8 @@ def main() -> None:
     per_request = args.tput_prompt_tokens + args.gen_tokens
     room = {  # KV and in-flight room for the largest concurrency (see the module docstring)
         "WARMSERVE_KV_SEQS": str(max(8, -(-max(levels, default=0) * per_request // 2048))),
-        "WARMSERVE_MAX_INFLIGHT_PER_FUNCTION": str(max(64, max(levels, default=0))),
+        # twice the streams: a client sends its next request as soon as its answer ends, before the worker acks it
+        "WARMSERVE_MAX_INFLIGHT_PER_FUNCTION": str(max(64, 2 * max(levels, default=0))),
         "WARMSERVE_ENGINE_MAX_NUM_SEQS": str(max(64, max(levels, default=0))),
     }
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WARMSERVE_MODEL_ROOTS": str(work), **room}

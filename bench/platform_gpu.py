@@ -83,16 +83,19 @@ def ttft(client: httpx.Client, url: str, prompt_tokens: int) -> float:
     return first
 
 
-async def one_stream(client: httpx.AsyncClient, url: str, prompt: list[int], gen: int) -> int:
+async def one_stream(client: httpx.AsyncClient, url: str, prompt: list[int], gen: int) -> tuple[int, float]:
+    """(output tokens, when the first of them arrived) of one streamed completion."""
     body = {"model": FN, "prompt": prompt, "max_tokens": gen, "temperature": 0, "ignore_eos": True, "stream": True}
     body["stream_options"] = {"include_usage": True}
     async with client.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as resp:
         resp.raise_for_status()
-        tokens = 0
+        tokens, first = 0, 0.0
         async for line in resp.aiter_lines():
+            if not first and line.startswith("data: {"):
+                first = time.time()
             if line.startswith("data: {") and '"usage"' in line and '"completion_tokens"' in line:
                 tokens = json.loads(line[6:])["usage"]["completion_tokens"]
-        return tokens
+        return tokens, first
 
 
 async def client_share(urls: list[str], prompts: list[list[int]], gen: int, barrier, results) -> None:
@@ -103,27 +106,42 @@ async def client_share(urls: list[str], prompts: list[list[int]], gen: int, barr
     async with httpx.AsyncClient(limits=limits) as client:
         await asyncio.gather(*(one_stream(client, u, p, 4) for u, p in zip(at, prompts, strict=True)))
         await asyncio.to_thread(barrier.wait)
-        tokens = await asyncio.gather(*(one_stream(client, u, p, gen) for u, p in zip(at, prompts, strict=True)))
-        results.put((sum(tokens), time.time()))
+        answers = await asyncio.gather(*(one_stream(client, u, p, gen) for u, p in zip(at, prompts, strict=True)))
+        results.put((sum(n for n, _ in answers), time.time()))
 
 
-def in_window(spans: list[tuple[float, float, int]], t0: float, t1: float) -> float:
-    """Output tokens/s inside [t0, t1] from (start, end, tokens) of requests, each request's tokens spread
-    evenly over its life (requests straddling an edge count for their overlap)."""
+def in_window(spans: list[tuple[float, float, float, int]], t0: float, t1: float) -> float:
+    """Output tokens/s inside [t0, t1] from (start, first token, end, tokens) of requests, each request's tokens
+    spread evenly over its life (requests straddling an edge count for their overlap)."""
     tokens = 0.0
-    for start, end, n in spans:
+    for start, _, end, n in spans:
         overlap = min(end, t1) - max(start, t0)
         if overlap > 0:
             tokens += n * overlap / max(end - start, 1e-9)
     return tokens / (t1 - t0)
 
 
+def latencies(spans: list[tuple[float, float, float, int]], t0: float, t1: float) -> dict[str, float]:
+    """Time to first token and between tokens (medians, p90 TTFT) of the requests sent inside [t0, t1]: where a
+    slot's time goes besides generating (admission before the first token, relaying after it)."""
+    sent = [(first - start, (end - first) / max(n - 1, 1)) for start, first, end, n in spans if t0 <= start < t1]
+    if not sent:
+        return {}
+    ttft = sorted(a for a, _ in sent)
+    return {
+        "ttft_ms_p50": round(1e3 * statistics.median(ttft), 2),
+        "ttft_ms_p90": round(1e3 * ttft[int(0.9 * (len(ttft) - 1))], 2),
+        "itl_ms_p50": round(1e3 * statistics.median(b for _, b in sent), 3),
+        "requests": len(sent),
+    }
+
+
 async def closed_loop(client: httpx.AsyncClient, url: str, prompt: list[int], gen: int, until: float, spans) -> None:
     """One stream slot kept busy: a new request as soon as the last one's answer ended, until ``until``."""
     while time.time() < until:
         start = time.time()
-        n = await one_stream(client, url, prompt, gen)
-        spans.append((start, time.time(), n))
+        n, first = await one_stream(client, url, prompt, gen)
+        spans.append((start, first, time.time(), n))
 
 
 async def steady_share(urls: list[str], prompts: list[list[int]], gen: int, barrier, until_q, results) -> None:
@@ -165,7 +183,7 @@ def platform_steady_tok_s(
     spans = [s for _ in procs for s in results.get(timeout=600)]
     for p in procs:
         p.join()
-    return in_window(spans, t0, t0 + window_s), use
+    return in_window(spans, t0, t0 + window_s), use | latencies(spans, t0, t0 + window_s)
 
 
 def engine_steady_tok_s(
@@ -177,7 +195,8 @@ def engine_steady_tok_s(
 
     params = SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True)
     live: dict[str, tuple[int, float]] = {}
-    spans: list[tuple[float, float, int]] = []
+    firsts: dict[str, float] = {}
+    spans: list[tuple[float, float, float, int]] = []
     t0 = time.time() + warmup_s
     for slot in range(len(prompts)):
         live[f"s{slot}-0"] = (slot, time.time())
@@ -195,16 +214,17 @@ def engine_steady_tok_s(
             )
         for out in outs:
             counts[out.request_id] = counts.get(out.request_id, 0) + len(out.new_token_ids)
+            firsts.setdefault(out.request_id, time.time())
             if out.finished:
                 slot, start = live.pop(out.request_id)
-                spans.append((start, time.time(), counts.pop(out.request_id)))
+                spans.append((start, firsts.pop(out.request_id), time.time(), counts.pop(out.request_id)))
                 if time.time() < t0 + window_s:
                     n += 1
                     live[f"s{slot}-{n}"] = (slot, time.time())
                     engine.add_request(f"s{slot}-{n}", prompts[slot], params)
     use = {"engine_steps": steps, "sequences_per_step": round(seqs / max(steps, 1), 1),
            "engine_busy_fraction": round(busy / window_s, 3)}  # fmt: skip
-    return in_window(spans, t0, t0 + window_s), use
+    return in_window(spans, t0, t0 + window_s), use | latencies(spans, t0, t0 + window_s)
 
 
 def platform_tok_s(urls: list[str], prompts: list[list[int]], gen: int, clients: int) -> tuple[float, float]:

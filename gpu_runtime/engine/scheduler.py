@@ -90,7 +90,7 @@ class Scheduler:
             return self._schedule()
 
     def _schedule(self) -> tuple[Batch | None, list[Sequence]]:
-        if self.running and self.waiting and self._mixable(self.waiting[0]):
+        if self.running and self.waiting and self._mixable(self.waiting[0], self.max_batch_rows - len(self.running)):
             return self._schedule_mixed(), []
         batch = self._schedule_prefill()
         if batch is None and not self.running and self.waiting:
@@ -121,12 +121,13 @@ class Scheduler:
             budget -= end - seq.num_cached
         return Batch(chunks, is_prefill=True) if chunks else None
 
-    def _mixable(self, seq: Sequence) -> bool:
-        """Whether ``seq``'s prompt is short enough (after its cached prefix) to join a decode step."""
+    def _mixable(self, seq: Sequence, rows: int) -> bool:
+        """Whether ``seq``'s prompt (after its cached prefix) is short enough to join a decode step with ``rows``
+        rows to spare (a prompt that is not goes first, in a prefill step of its own, as before)."""
         if not self.max_batch_rows or seq.forks_pending or seq.needs_prompt_logits:
             return False  # n > 1 takes n seats once it samples; prompt logprobs come from an eager prefill
         self.blocks.match(seq)
-        return len(seq) - seq.num_cached <= self.mix_prompt_tokens
+        return len(seq) - seq.num_cached <= min(self.mix_prompt_tokens, rows)
 
     def _schedule_mixed(self) -> Batch:
         """Every running sequence's next token, then the waiting head's short prompts while rows, seats and
@@ -134,15 +135,14 @@ class Scheduler:
         decode = self._schedule_decode()
         chunks, decoding, seats = decode.chunks, len(decode.chunks), len(self.running)
         rows = decoding
-        while self.waiting and seats < self.max_num_seqs and self._mixable(self.waiting[0]):
+        while self.waiting and seats < self.max_num_seqs and self._mixable(self.waiting[0], self.max_batch_rows - rows):
             seq = self.waiting[0]
-            need = len(seq) - seq.num_cached
-            if rows + need > self.max_batch_rows or not self._reserve(self.blocks.blocks_needed(seq, len(seq))):
-                break
+            if not self._reserve(self.blocks.blocks_needed(seq, len(seq))):
+                break  # it waits for blocks (asking the pressure hook first, in _reserve)
             self.blocks.allocate(seq, len(seq))
             self.waiting.popleft()
             chunks.append(Chunk(seq, seq.num_cached, len(seq)))
-            rows, seats = rows + need, seats + 1
+            rows, seats = rows + len(seq) - seq.num_cached, seats + 1
         return Batch(chunks, is_prefill=len(chunks) > decoding)
 
     def _schedule_decode(self) -> Batch:

@@ -262,7 +262,8 @@ def profile_worker(out_dir: str | None, pid: int, gateways: int, streams: int, s
 def engine_counters(url: str) -> dict[str, float]:
     """The worker's engine counters as /metrics shows them (summed over workers)."""
     want = ("warmserve_engine_steps_total", "warmserve_engine_step_sequences_total",
-            "warmserve_engine_step_seconds_total")  # fmt: skip
+            "warmserve_engine_step_seconds_total", "warmserve_admitted_total",
+            "warmserve_admission_seconds_total")  # fmt: skip
     out = dict.fromkeys(want, 0.0)
     for line in httpx.get(f"{url}/metrics").text.splitlines():
         name = line.split("{")[0]
@@ -281,6 +282,10 @@ def engine_use(url: str, before: dict[str, float], seconds: float) -> dict[str, 
         "engine_steps": int(steps),
         "sequences_per_step": round(d["warmserve_engine_step_sequences_total"] / max(steps, 1), 1),
         "engine_busy_fraction": round(d["warmserve_engine_step_seconds_total"] / seconds, 3),
+        # gateway submission -> engine start, averaged: the admission part of a slot's turnaround
+        "admission_ms_mean": round(
+            1e3 * d["warmserve_admission_seconds_total"] / max(d["warmserve_admitted_total"], 1), 2
+        ),
     }
 
 

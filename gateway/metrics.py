@@ -83,7 +83,7 @@ def histogram(metric: str, what: str, label: str, counts: dict[str, list[int]], 
 
 # Counters each worker reports (WorkerInfo.counters, since it started), exported by worker: (its key, the metric,
 # what it counts, divisor). Prefix cache hit rate = hit / query; mean sequences per engine step = sequences /
-# steps; engine busy fraction = rate(step seconds).
+# steps; engine busy fraction = rate(step seconds); mean admission delay = admission seconds / admitted.
 WORKER_COUNTERS = (
     ("prefix_cache_hit_tokens", "warmserve_prefix_cache_hit_tokens_total",
      "Prompt tokens whose KV came from the prefix cache", 1),
@@ -92,6 +92,9 @@ WORKER_COUNTERS = (
     ("engine_step_sequences", "warmserve_engine_step_sequences_total",
      "Sequences that produced tokens, summed over engine steps", 1),
     ("engine_step_us", "warmserve_engine_step_seconds_total", "Time inside engine steps", 1e6),
+    ("admitted", "warmserve_admitted_total", "Invocations started on an engine", 1),
+    ("admission_us", "warmserve_admission_seconds_total",
+     "From submission at a gateway to a start on an engine, summed over admitted invocations", 1e6),
 )  # fmt: skip
 
 

@@ -29,3 +29,19 @@ def test_fp8_function_serves_and_a_repeated_prefix_is_a_cache_hit(r, worker, tin
     assert counters(r)["prefix_cache_hit_tokens"] == 32
     text = Metrics().render({}, 1, {"wa": counters(r)})
     assert 'warmserve_prefix_cache_hit_tokens_total{worker="wa"} 32' in text.splitlines()
+
+
+def test_engine_steps_and_admissions_are_counted(r, worker, tiny_model):  # noqa: F811
+    deploy(r, tiny_model)
+    assert worker.apply_control(ControlAction.PREWARM, FN) == ModelState.WARM  # so the worker reads the stream
+    for prompt in ([5, 6, 7], [8, 9, 10, 11]):
+        assert answer(r, invoke(r, prompt, ignore_eos=True))[-1] == Done("length", 8)
+    wait_for(lambda: counters(r).get("admitted") == 2, 10, "a heartbeat with both admissions")
+    seen = counters(r)
+    # Each answer takes at least 8 steps (one token each); every token came out of one step's sequence.
+    assert seen["engine_steps"] >= 8 and seen["engine_step_sequences"] >= 16
+    assert seen["engine_step_us"] > 0 and seen["admission_us"] > 0
+    lines = Metrics().render({}, 1, {"wa": seen}).splitlines()
+    assert 'warmserve_admitted_total{worker="wa"} 2' in lines
+    assert f'warmserve_engine_steps_total{{worker="wa"}} {seen["engine_steps"]}' in lines
+    assert f'warmserve_admission_seconds_total{{worker="wa"}} {seen["admission_us"] / 1e6:.6f}' in lines

@@ -119,6 +119,10 @@ class Streamer:
             self.refuse(run, answer)
             return
         self.publisher.send(Started(inv, run.entry_id, spec.model))
+        # Submission at the gateway to a seat in the engine: queueing, routing and this worker's admission
+        # (the gateway's clock: meaningful where hosts keep their clocks in step, as NTP does).
+        self.counters.add("admitted")
+        self.counters.add("admission_us", int(1e6 * max(0.0, time.time() - inv.created)))
 
     def refuse(self, run: Running, answer: Failed) -> None:
         """Fail a request that never started: no Start event, so the client gets the failure's HTTP status."""

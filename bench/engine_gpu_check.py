@@ -130,6 +130,13 @@ def check_model(arch: str, tmp: str) -> dict:
     # (the batched run above prefills eagerly and decodes at batch 4).
     alone = [record(engine, [p]) for p in prompts]
     alone_errs = errors({"fp32": hf32}, prompts, [o[0] for o, _ in alone], [lg[0] for _, lg in alone])["fp32"]
+    # Short prompts prefilled together as decode rows, in several replays (this engine's replays hold 16 rows):
+    # each prompt's first logits against the same prompt prefilled alone. A replay rewrites its graph's output, so
+    # a group's logits taken after the next group's replay would belong to another prompt (rel. error ~1).
+    short = [torch.randint(0, 32000, (n,), generator=g).tolist() for n in (12, 9, 14)]
+    _, grouped = record(engine, short)
+    first_alone = [record(engine, [p])[1][0][0] for p in short]
+    grouped_err = max(rel_err(lg[0], ref) for lg, ref in zip(grouped, first_alone, strict=True))
     # Graph reuse across detach/attach at the same address.
     buffer = engine._kv_buffer
     graphs = len(engine.runner.graphs)
@@ -149,6 +156,7 @@ def check_model(arch: str, tmp: str) -> dict:
         "greedy_tokens_agreeing_with_transformers_argmax": f"{token_match}/{sum(len(o.token_ids) for o in outs)}",
         "graphs_reused_after_reattach": len(engine.runner.graphs) == graphs,
         "same_tokens_after_reattach": [o.token_ids for o in again] == [o.token_ids for o in outs],
+        "grouped_rows_first_logits_max_rel_err_vs_alone": grouped_err,
     }
     engine.release()
     for name, flags in (("torch_ops", dict(fused=False)), ("torch_decode", dict(triton_decode=False))):
@@ -160,6 +168,8 @@ def check_model(arch: str, tmp: str) -> dict:
     # which `meets_1e-2_target` reports separately).
     result["as_accurate_as_transformers_bf16"] = (
         max(result["mean_rel_err_vs_fp32"], result["one_prompt_at_a_time_mean_rel_err_vs_fp32"]) <= bound
+        # two bf16 paths to the same logits differ by bf16 noise (~1e-2); another prompt's logits by ~1.4
+        and grouped_err <= 0.1
     )
     print(arch, result, flush=True)
     return result

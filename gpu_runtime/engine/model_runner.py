@@ -190,8 +190,11 @@ class ModelRunner:
                 group = []
             group.append(c)
         groups.append(group)
-        logits = [self._chunk_rows(g) for g in groups]
-        return logits[0] if len(logits) == 1 else torch.cat(logits)
+        if len(groups) == 1:
+            return self._chunk_rows(group)
+        # Each replay rewrites its graph's static output (and graphs share one memory pool): keep a group's logits
+        # before the next group's replay.
+        return torch.cat([self._chunk_rows(g).clone() for g in groups])
 
     def _chunk_rows(self, chunks: list) -> torch.Tensor:
         """Logits of the chunks' sampling rows, in order."""

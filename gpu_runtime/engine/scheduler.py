@@ -4,8 +4,10 @@ prompts, in chunks of at most ``max_num_batched_tokens``), or both at once.
 A short prompt (at most ``mix_prompt_tokens`` left to compute) arriving while others decode joins their step: its
 rows ride in the same replay as the decode rows (``max_batch_rows`` in all), so an arrival never stalls the
 sequences already running. A longer prompt goes first, in a prefill step of its own, and joins the running batch
-at the next step. A sequence starting on no blocks
-(new, or preempted) first takes the cached blocks of its longest known prefix and prefills only the rest.
+at the next step.
+
+A sequence starting on no blocks (new, or preempted) first takes the cached blocks of its longest known prefix and
+prefills only the rest.
 When KV blocks run short the scheduler first asks for more (``grow``: the engine's KV pressure hook) and
 otherwise preempts the most recently admitted sequence: its blocks are freed and it is recomputed later from its
 tokens (its full blocks stay cached, so mostly found again), so no token changes.

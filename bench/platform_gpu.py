@@ -156,13 +156,40 @@ async def steady_share(urls: list[str], prompts: list[list[int]], gen: int, barr
         results.put(spans)
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) of a live process, from /proc (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (the worker's publisher process)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
 def platform_steady_tok_s(
-    urls: list[str], prompts: list[list[int]], gen: int, clients: int, warmup_s: float, window_s: float
+    urls: list[str],
+    prompts: list[list[int]],
+    gen: int,
+    clients: int,
+    warmup_s: float,
+    window_s: float,
+    pids: dict[str, list[int]],
 ) -> tuple[float, dict[str, float]]:
     """Output tokens/s with len(prompts) streams kept in flight (each slot sends its next request as its last
     answer ends), over ``window_s`` after ``warmup_s``: the platform holding N concurrent streams, ramp excluded.
     Also what the worker's engine did in that window (``engine_use``; the counters' heartbeat lag is the same at
-    both ends)."""
+    both ends) and the cores each process of ``pids`` (by role) and each client process used in it."""
     ctx = multiprocessing.get_context("fork")
     shares = [prompts[i::clients] for i in range(clients) if prompts[i::clients]]
     barrier, until_q, results = ctx.Barrier(len(shares) + 1), ctx.Queue(), ctx.Queue()
@@ -178,8 +205,14 @@ def platform_steady_tok_s(
         until_q.put(t0 + window_s)
     time.sleep(max(0.0, t0 - time.time()))
     before = engine_counters(urls[0])
+    roles = {**pids, "clients": [p.pid for p in procs]}
+    cpu0 = {role: [cpu_seconds(pid) for pid in ids] for role, ids in roles.items()}
     time.sleep(max(0.0, t0 + window_s - time.time()))
+    cpu1 = {role: [cpu_seconds(pid) for pid in ids] for role, ids in roles.items()}
     use = engine_use(urls[0], before, window_s)
+    use["cores_used"] = {
+        role: [round((b - a) / window_s, 2) for a, b in zip(cpu0[role], cpu1[role], strict=True)] for role in roles
+    }
     spans = [s for _ in procs for s in results.get(timeout=600)]
     for p in procs:
         p.join()
@@ -405,8 +438,11 @@ def main() -> None:
         for g in gateway_counts:
             for n in levels:
                 spy = profile_worker(args.profile_worker, procs[-1].pid, g, n, args.steady)
+                worker = procs[-1].pid
+                pids = {"gateways": [p.pid for p in procs[:g]], "worker": [worker], "publisher": children(worker),
+                        "redis": [int(r.info("server")["process_id"])]}  # fmt: skip
                 steady[g, n], steady_use[g, n] = platform_steady_tok_s(
-                    urls[:g], tput_prompts[n], args.gen_tokens, args.clients, *args.steady
+                    urls[:g], tput_prompts[n], args.gen_tokens, args.clients, *args.steady, pids
                 )
                 if spy is not None:
                     spy.wait(60)

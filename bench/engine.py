@@ -281,17 +281,22 @@ def bench_base(engine: Engine, cfg: dict, rng: torch.Generator, z: Sizes) -> dic
     return r
 
 
+def first_token_s(engine: Engine, prompt: list[int]) -> float:
+    """Seconds from adding a one-token request to its end, on an idle engine: its time to first token."""
+    sync()
+    t = time.perf_counter()
+    engine.add_request("ttft", prompt, greedy(1))
+    while engine.has_unfinished():
+        engine.step()
+    return time.perf_counter() - t
+
+
 def bench_prefix(engine: Engine, cfg: dict, rng: torch.Generator, z: Sizes) -> dict:
     """TTFT of a request whose 2048-token prefix the previous request left in the cache, over that one's."""
     vocab = cfg["vocab_size"]
 
     def ttft(prompt: list[int]) -> float:
-        sync()
-        t = time.perf_counter()
-        engine.add_request("ttft", prompt, greedy(1))
-        while engine.has_unfinished():
-            engine.step()
-        return time.perf_counter() - t
+        return first_token_s(engine, prompt)
 
     ttft(random_prompt(rng, vocab, z.prefix_len + z.suffix_len))  # warm-up: kernels of both shapes
     ttft(random_prompt(rng, vocab, z.prefix_len) + random_prompt(rng, vocab, z.suffix_len))

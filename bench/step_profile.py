@@ -19,17 +19,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from bench.engine import SHAPES, greedy, make_weights, random_prompt, sync  # noqa: E402
+from bench.engine import SHAPES, first_token_s, greedy, make_weights, random_prompt, sync  # noqa: E402
 from gpu_runtime import Engine  # noqa: E402
 
 
-def step_ms(engine: Engine, steps: int) -> float:
-    """Median wall time of ``engine.step()`` (its own host sync included)."""
+def median_ms(fn, runs: int) -> float:
+    """Median wall time of ``fn()`` with the device idle before and after."""
     times = []
-    for _ in range(steps):
+    for _ in range(runs):
         sync()
         t = time.perf_counter()
-        engine.step()
+        fn()
         sync()
         times.append(time.perf_counter() - t)
     return 1e3 * statistics.median(times)
@@ -41,14 +41,7 @@ def replay_ms(engine: Engine, batch: int) -> float:
     if not runner.use_cuda_graphs:
         return float("nan")
     graph, _ = runner._graph(next(b for b in runner.graph_sizes if b >= batch))
-    times = []
-    for _ in range(20):
-        sync()
-        t = time.perf_counter()
-        graph.replay()
-        sync()
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+    return median_ms(graph.replay, 20)
 
 
 def top_ops(fn, rows: int) -> str:
@@ -70,7 +63,7 @@ def decode_case(engine: Engine, vocab: int, rng: torch.Generator, batch: int, st
     while engine.scheduler.waiting:
         engine.step()
     engine.step()
-    step, alone = step_ms(engine, steps), replay_ms(engine, batch)
+    step, alone = median_ms(engine.step, steps), replay_ms(engine, batch)
     print(f"== decode batch {batch}: step {step:.2f} ms, graph alone {alone:.2f} ms")
     print(top_ops(lambda: [engine.step() for _ in range(5)], 18))
     for i in range(batch):
@@ -81,12 +74,7 @@ def decode_case(engine: Engine, vocab: int, rng: torch.Generator, batch: int, st
 
 def hit_case(engine: Engine, vocab: int, rng: torch.Generator, prefix_len: int) -> None:
     def ttft(prompt: list[int]) -> float:
-        sync()
-        t = time.perf_counter()
-        engine.add_request("ttft", prompt, greedy(1))
-        while engine.has_unfinished():
-            engine.step()
-        return 1e3 * (time.perf_counter() - t)
+        return 1e3 * first_token_s(engine, prompt)
 
     prefix = random_prompt(rng, vocab, prefix_len)
     ttft(prefix + random_prompt(rng, vocab, 16))

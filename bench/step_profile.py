@@ -2,7 +2,7 @@
 flag (decode at batch 64 and 256, a prefix-cache hit). Prints, per case, the step's wall time, the same batch's
 CUDA graph replay alone (the GPU's share) and torch.profiler's top host and device operators.
 
-    PYTHONPATH=. python3 bench/step_profile.py [--shape 1b] [--dry-run]
+    PYTHONPATH=. python3 bench/step_profile.py [--shape 1b] [--dry-run] [--host]
 """
 
 from __future__ import annotations
@@ -85,10 +85,28 @@ def hit_case(engine: Engine, vocab: int, rng: torch.Generator, prefix_len: int) 
     print(top_ops(lambda: ttft(prefix + random_prompt(rng, vocab, 16)), 18))
 
 
+def host_case(engine: Engine, vocab: int, batch: int, steps: int) -> None:
+    """The host's share alone: decode steps at ``batch`` with the model replaced by constant logits (scheduler,
+    sampler, bookkeeping and outputs, per sequence per step; runs on a CPU as well)."""
+    for i in range(batch):
+        engine.add_request(f"h{i}", [(i * 7 + j) % 200 + 3 for j in range(100)], greedy(steps + 64))
+    while engine.scheduler.waiting:
+        engine.step()
+    execute, logits = engine.runner.execute, torch.zeros(batch, vocab, device=engine.device)
+    engine.runner.execute = lambda b: (logits[: sum(c.samples for c in b.chunks)], [])
+    print(f"== host work of a decode step at batch {batch}: {median_ms(engine.step, steps):.2f} ms")
+    engine.runner.execute = execute
+    for i in range(batch):
+        engine.abort(f"h{i}")
+    while engine.has_unfinished():
+        engine.step()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="1b", choices=sorted(SHAPES))
     ap.add_argument("--dry-run", action="store_true", help="a tiny shape on the CPU, to check the script")
+    ap.add_argument("--host", action="store_true", help="only the host's share of a batch-256 decode step")
     args = ap.parse_args()
     device = "cpu" if args.dry_run else "cuda"
     shape = SHAPES["tiny" if args.dry_run else args.shape]
@@ -97,6 +115,9 @@ def main() -> None:
         dtype = "float32" if args.dry_run else "bfloat16"
         engine = Engine.from_pretrained(path, device=device, dtype=dtype, max_num_seqs=256, max_model_len=4096)
         rng = torch.Generator().manual_seed(0)
+        if args.host:
+            host_case(engine, cfg["vocab_size"], 256, 200)
+            return
         for batch in (64, 256):
             decode_case(engine, cfg["vocab_size"], rng, batch, 5 if args.dry_run else 30)
         hit_case(engine, cfg["vocab_size"], rng, 256 if args.dry_run else 2048)

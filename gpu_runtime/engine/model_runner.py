@@ -22,7 +22,7 @@ import torch
 from gpu_runtime.engine.attention import AttnMeta, PrefillSeq
 from gpu_runtime.engine.model import LlamaModel
 from gpu_runtime.engine.scheduler import Batch
-from gpu_runtime.engine.sequence import Sequence
+from gpu_runtime.engine.sequence import Sequence, to_device
 from modelinfo.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ class ModelRunner:
             seqs.append(PrefillSeq(start, len(ids), c.start, table))
             if c.samples:
                 last.append(len(ids) - 1)
-        t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt).to(self.device, non_blocking=True)  # noqa: E731
+        t = lambda x, dt=torch.long: to_device(x, self.device, dt)  # noqa: E731
         meta = AttnMeta(True, t(blocks, self._index_dtype), t(offsets, self._index_dtype), prefill=seqs)
         hidden = self.model.forward(t(ids), t(positions), meta, self.kv_caches)
         prompt = [PromptHidden(seq, pos, hidden[a:b]) for seq, pos, a, b in scored]
@@ -231,7 +231,7 @@ class ModelRunner:
         lens = [p + 1 for p in positions]
         graph_bs = next((b for b in self.graph_sizes if b >= n), None) if self.use_cuda_graphs else None
         if graph_bs is None:
-            t = lambda x, dt: torch.tensor(x, dtype=dt).to(self.device, non_blocking=True)  # noqa: E731
+            t = lambda x, dt: to_device(x, self.device, dt)  # noqa: E731
             meta = AttnMeta(False, t(blocks, self._index_dtype), t(offsets, self._index_dtype))
             meta.block_tables = padded.to(self.device, torch.int32, non_blocking=True)
             meta.context_lens = t(lens, torch.int32)

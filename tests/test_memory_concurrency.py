@@ -16,7 +16,7 @@ import pytest
 from engine_models import build_model, prompts
 
 from gpu_runtime import Engine, SamplingParams
-from gpu_runtime.memory import HostCacheFull, ModelHost, loader
+from gpu_runtime.memory import HostCacheFull, LoadYielded, ModelHost, loader
 from gpu_runtime.memory.host_cache import HostCache
 from protocol.states import ModelState
 
@@ -196,6 +196,43 @@ def test_lender_pressure_evicts_idle_borrowers_first_and_waits_for_loading_ones(
     host.check()
 
 
+def test_lender_pressure_stops_a_load_from_disk_onto_its_pages(tiny, pool, monkeypatch):
+    """The step thread serves every model of a worker: a lender that needs its pages back must not wait out a
+    borrower's whole load (seconds from disk for an 8B model, every model's requests stalled meanwhile)."""
+    w = weight_chunks(tiny)
+    host = make_host(tiny, 2 * w + 2, {"a": 2, "b": w + 2})  # b HOT: a's weights fit only on b's idle KV
+    eng = host.activate("b")
+    a = host.models["a"]
+    gate = Gate()
+    read_piece = loader._read_piece
+
+    def slow_read(p, *args):  # a's reads crawl until the gate opens or the load is told to stop
+        if p.file.startswith(a.model_dir):
+            gate.entered_at = gate.entered_at or time.monotonic()
+            gate.entered.set()
+            while not (gate.opened.is_set() or a.yield_pages.is_set()):
+                time.sleep(0.005)
+        return read_piece(p, *args)
+
+    monkeypatch.setattr(loader, "_read_piece", slow_read)
+    loading = pool.submit(host.prewarm, "a")
+    entered(gate, loading)
+    assert host.report()["models"]["b"]["kv_chunks_lent"] == w
+
+    assert eng.kv_pressure_hook(w * 8) >= w * 8  # returns without the gate: the load stopped
+    with pytest.raises(LoadYielded, match="'a'"):
+        loading.result(GATE_S)
+    assert time.monotonic() - gate.entered_at < GATE_S / 3  # well before the gate would have opened
+    assert host.state("a") == ModelState.COLD and host.report()["models"]["b"]["kv_chunks_lent"] == 0
+    assert serves_reference(host, tiny, "b")
+    host.check()
+    gate.open()
+    host.evict("b")
+    host.activate("a")  # a stopped load leaves nothing behind: loading again works
+    assert serves_reference(host, tiny, "a")
+    host.check()
+
+
 def test_eviction_copy_of_one_model_blocks_no_activation(tiny, pool, monkeypatch):
     w = weight_chunks(tiny)
     # The host cache holds two images: warming c drops a's, so evicting a must copy its weights out.
@@ -241,10 +278,10 @@ def test_a_host_image_being_copied_from_is_never_dropped(tiny, pool, monkeypatch
     a_dir = host.models["a"].model_dir
     load = loader.load
 
-    def gated_load(layout, host_chunks, device_buffer, read_files, *args):
+    def gated_load(layout, host_chunks, device_buffer, read_files, *args, **kwargs):
         if layout.model_dir == a_dir and device_buffer is not None:
             gate.wait()
-        return load(layout, host_chunks, device_buffer, read_files, *args)
+        return load(layout, host_chunks, device_buffer, read_files, *args, **kwargs)
 
     monkeypatch.setattr(loader, "load", gated_load)
     warming = pool.submit(host.prewarm, "a")  # HOST -> WARM reads a's image

@@ -23,6 +23,11 @@ from gpu_runtime.weights import Slot, WeightLayout
 from modelinfo.config import ModelFileError
 
 PIECE_BYTES = 16 << 20  # one pread: big enough to stream, small enough to spread a 1 GiB tensor over threads
+CANCEL_POLL_S = 0.01  # how often a cancellable load looks at its flag while it waits for a chunk
+
+
+class Cancelled(Exception):
+    """A load stopped before its end because its ``cancel`` event was set (its device bytes are incomplete)."""
 
 
 @dataclass
@@ -135,11 +140,13 @@ def load(
     device_buffer: torch.Tensor | None,
     read_files: bool,
     threads: int = 0,
+    cancel: threading.Event | None = None,
 ) -> LoadStats:
     """Fill ``host_chunks`` from the files (``read_files``) and/or copy them into ``device_buffer``.
 
     ``device_buffer`` is the model's mapped weight range (or None to stop at the host image). Chunk i of the
-    image goes to bytes [i*chunk, ...) of the buffer. Raises ModelFileError for a file that cannot be read.
+    image goes to bytes [i*chunk, ...) of the buffer. Raises ModelFileError for a file that cannot be read, and
+    Cancelled within about one piece's read once ``cancel`` is set (no copy is then still in flight).
     """
     chunk_bytes = host_chunks[0].numel() if host_chunks else 1
     total = layout.total_bytes
@@ -167,7 +174,7 @@ def load(
                 work.put(p)
 
             def reader() -> None:
-                while not stop.is_set():
+                while not stop.is_set() and not (cancel is not None and cancel.is_set()):
                     try:
                         p = work.get_nowait()
                     except queue.Empty:
@@ -185,7 +192,7 @@ def load(
         else:
             for i in range(n_chunks):
                 ready.put(i)
-        _copy_ready(ready, n_chunks, host_chunks, device_buffer, chunk_bytes, total)
+        _copy_ready(ready, n_chunks, host_chunks, device_buffer, chunk_bytes, total, cancel)
     finally:
         stop.set()
         for w in workers:
@@ -195,24 +202,37 @@ def load(
     return LoadStats(total, time.perf_counter() - t0)
 
 
-def _copy_ready(ready: queue.Queue, n_chunks, host_chunks, device_buffer, chunk_bytes, total) -> None:
+def _copy_ready(ready: queue.Queue, n_chunks, host_chunks, device_buffer, chunk_bytes, total, cancel) -> None:
     on_cuda = device_buffer is not None and device_buffer.is_cuda
     stream = torch.cuda.Stream(device_buffer.device) if on_cuda else None
-    for _ in range(n_chunks):
-        item = ready.get()
-        if isinstance(item, BaseException):
-            raise item
-        if device_buffer is None:
-            continue
-        a = item * chunk_bytes
-        n = min(chunk_bytes, total - a)
+    try:
+        for _ in range(n_chunks):
+            item = _next_ready(ready, cancel)
+            if isinstance(item, BaseException):
+                raise item
+            if device_buffer is None:
+                continue
+            a = item * chunk_bytes
+            n = min(chunk_bytes, total - a)
+            if stream is not None:
+                with torch.cuda.stream(stream):
+                    device_buffer[a : a + n].copy_(host_chunks[item][:n], non_blocking=True)
+            else:
+                device_buffer[a : a + n].copy_(host_chunks[item][:n])
+    finally:  # also when cancelled: the caller unmaps the buffer next, so no copy may still write into it
         if stream is not None:
-            with torch.cuda.stream(stream):
-                device_buffer[a : a + n].copy_(host_chunks[item][:n], non_blocking=True)
-        else:
-            device_buffer[a : a + n].copy_(host_chunks[item][:n])
-    if stream is not None:
-        stream.synchronize()
+            stream.synchronize()
+
+
+def _next_ready(ready: queue.Queue, cancel: threading.Event | None):
+    """The next chunk whose bytes are all in (or a reader's error); Cancelled once ``cancel`` is set."""
+    while True:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled
+        try:
+            return ready.get(timeout=None if cancel is None else CANCEL_POLL_S)
+        except queue.Empty:
+            continue
 
 
 def copy_to_host(device_buffer: torch.Tensor, host_chunks: list[torch.Tensor], total: int) -> LoadStats:

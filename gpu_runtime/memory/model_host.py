@@ -26,9 +26,10 @@ Races, and what settles each:
 - Victims. Activation (``_claim_victims``) and the pressure hook pick models to evict by trying their locks
   under the pool lock, so a model mid-transition is never evicted under its feet; a victim stays locked until
   evicted. Activation skips moving models (PoolExhausted if the rest cannot make room). The hook evicts idle
-  borrowers first; if only moving ones hold the pages it needs (say, one still loading onto them), it waits for
-  that move to end, then evicts. It does not return fewer blocks instead: an engine with nothing running
-  finishes a request it cannot fit as hopeless, which would break the lender's promise.
+  borrowers first; if only moving ones hold the pages it needs, it tells a load onto them to stop (LoadYielded:
+  the borrower rolls back within one piece's read) and waits for that move to end, then evicts what still
+  borrows. It does not return fewer blocks instead: an engine with nothing running finishes a request it cannot
+  fit as hopeless, which would break the lender's promise.
 - Host images. A copy's image is held in the host cache (HOST->WARM reads it; loads and WARM->HOST write it),
   so another model's allocation never drops it; if only held images could make room, HostCacheFull.
 - Readers. A moving model keeps its old state until the move's last bookkeeping step (``engine`` answers once
@@ -78,6 +79,11 @@ class ModelLoadError(ModelMemoryError):
     """A model's files could not be read; the message names the model and the file."""
 
 
+class LoadYielded(ModelMemoryError):
+    """A load onto lent KV pages stopped because their HOT lender needed them back (its requests come first);
+    the model is back where it was, and loading it again is safe."""
+
+
 @dataclass
 class _Model:
     name: str
@@ -93,6 +99,8 @@ class _Model:
     account: kvr.KvAccount | None = None
     last_used: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # held while the model moves
+    # set by a lender's pressure hook: a load onto its pages stops at its next piece (see _on_kv_pressure)
+    yield_pages: threading.Event = field(default_factory=threading.Event, repr=False)
 
 
 def _default_engine_factory(model_dir, layout, weights, device, dtype, **kwargs):
@@ -410,6 +418,7 @@ class ModelHost:
     def _to_warm(self, m: _Model) -> None:
         """COLD/HOST -> WARM. On failure the model is back where it was and nothing else moved."""
         t0 = time.perf_counter()
+        m.yield_pages.clear()  # before taking pages: only a model that holds some is asked to give them back
         with self._lock:
             chunks = self._acquire_for_weights(m.weights.n_slots, m.name)
             self.pool.map(m.weights, list(enumerate(chunks)))
@@ -421,8 +430,10 @@ class ModelHost:
         try:
             if not cached:
                 image = self._image_or_staging(m)
-            stats = loader.load(m.layout, image, buffer, read_files=not cached)
+            stats = loader.load(m.layout, image, buffer, read_files=not cached, cancel=m.yield_pages)
             engine = m.engine
+            if engine is None and m.yield_pages.is_set():
+                raise loader.Cancelled
             if engine is None:  # built once, over the range's fixed address; kept across evictions
                 engine = self.engine_factory(
                     m.model_dir, m.layout, buffer[: m.layout.total_bytes], self.device, m.dtype, **m.engine_kwargs
@@ -436,6 +447,13 @@ class ModelHost:
                     self.host_cache.drop(m.name)
             if isinstance(e, (ModelFileError, OSError)):
                 raise ModelLoadError(f"model {m.name!r}: {e}") from e
+            if isinstance(e, loader.Cancelled):
+                log.info("%s: load stopped after %.1f ms: a HOT lender took its KV pages back", m.name,
+                         (time.perf_counter() - t0) * 1e3)  # fmt: skip
+                raise LoadYielded(
+                    f"model {m.name!r}: its load stopped to give borrowed KV pages back to a HOT model whose "
+                    "requests needed them; it is where it was before and may be loaded again"
+                ) from None
             raise
         with self._lock:
             self.host_cache.unhold(m.name)
@@ -520,7 +538,9 @@ class ModelHost:
     def _on_kv_pressure(self, name: str, more_blocks: int) -> int:
         """Engine hook (the lender's step thread): the HOT model ``name`` wants ``more_blocks`` more KV blocks.
         Evict borrowers of its pages to HOST until enough are mapped back; returns the blocks made available.
-        Idle borrowers go first; one that is moving is waited for, never evicted under its feet."""
+        Idle borrowers go first; one that is moving is never evicted under its feet: a load is told to stop
+        (within one piece's read: the step thread serves every model of the worker, and waiting out a load from
+        disk stalled them all for seconds), and any other move is waited for."""
         m = self.models[name]
         with self._lock:
             if m.account is None:
@@ -536,8 +556,10 @@ class ModelHost:
             if victim is None:
                 if not borrowers:
                     break
+                for b in borrowers:  # all are moving: loads stop and give their pages back
+                    b.yield_pages.set()
                 victim = borrowers[0]
-                victim.lock.acquire()  # all are moving: wait for one, as the engine drops what it cannot fit
+                victim.lock.acquire()  # then wait for one, as the engine drops what it cannot fit
             try:
                 with self._lock:
                     still = victim.name in (self.pool.chunks[i].owner for i in kvr.lent_by(self.pool, name))

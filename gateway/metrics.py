@@ -17,6 +17,9 @@ class Metrics:
         # the same, by the state the function's model was in when the request arrived (HOT/WARM/LOADING/HOST/COLD)
         self.state_counts: dict[str, list[int]] = defaultdict(lambda: [0] * (len(TTFT_BUCKETS) + 1))
         self.state_sum: dict[str, float] = defaultdict(float)
+        # a request's turnaround in this gateway, by part: seconds summed and how many
+        self.part_sum: dict[str, float] = defaultdict(float)
+        self.part_count: dict[str, int] = defaultdict(int)
 
     def request(self, function: str, status: int) -> None:
         self.requests[(function, status)] += 1
@@ -28,6 +31,11 @@ class Metrics:
         if state:
             self.state_counts[state][bucket] += 1
             self.state_sum[state] += seconds
+
+    def part(self, name: str, seconds: float) -> None:
+        """One request's time in a part of the gateway's path (see `render`)."""
+        self.part_sum[name] += max(0.0, seconds)
+        self.part_count[name] += 1
 
     def generated(self, function: str, n: int) -> None:
         self.tokens[function] += n
@@ -54,6 +62,18 @@ class Metrics:
             self.state_counts,
             self.state_sum,
         )
+        out += [
+            "# HELP warmserve_gateway_part_seconds_total Time requests spent in a part of this gateway's path: accept "
+            "(request received to every invocation in its stream), answer_end (a worker wrote the answer's last "
+            "entry to the response closed).",
+            "# TYPE warmserve_gateway_part_seconds_total counter",
+        ]
+        out += [f'warmserve_gateway_part_seconds_total{{part="{p}"}} {s:.6f}' for p, s in self.part_sum.items()]
+        out += [
+            "# HELP warmserve_gateway_part_total Requests counted in warmserve_gateway_part_seconds_total.",
+            "# TYPE warmserve_gateway_part_total counter",
+        ]
+        out += [f'warmserve_gateway_part_total{{part="{p}"}} {n}' for p, n in self.part_count.items()]
         out += [
             "# HELP warmserve_queue_depth Invocations waiting or running.",
             "# TYPE warmserve_queue_depth gauge",
@@ -95,6 +115,19 @@ WORKER_COUNTERS = (
     ("admitted", "warmserve_admitted_total", "Invocations started on an engine", 1),
     ("admission_us", "warmserve_admission_seconds_total",
      "From submission at a gateway to a start on an engine, summed over admitted invocations", 1e6),
+    # admission's parts, each summed over admitted invocations
+    ("submit_us", "warmserve_admission_submit_seconds_total",
+     "Admission's first part: from submission at a gateway to the invocation's XADD", 1e6),
+    ("queued_us", "warmserve_admission_queued_seconds_total",
+     "Admission's second part: from the XADD to a worker's read of the invocation", 1e6),
+    ("start_us", "warmserve_admission_start_seconds_total",
+     "Admission's last part: from a worker's read of the invocation to its start on the engine", 1e6),
+    # the ends of an answer in the worker, each summed over answers with tokens
+    ("answered", "warmserve_answered_total", "Answers with tokens written and acknowledged", 1),
+    ("first_token_us", "warmserve_first_token_step_seconds_total",
+     "From a start on the engine to the end of the step with the answer's first token", 1e6),
+    ("written_us", "warmserve_answer_written_seconds_total",
+     "From the end of the step with an answer's last token to the whole answer written and acknowledged", 1e6),
 )  # fmt: skip
 
 

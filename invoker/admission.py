@@ -8,7 +8,6 @@ requests on arrival (sim/cluster.py). Torch-free: the gateway calls it on every 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 from functions.spec import Footprint, FunctionSpec, footprint
 from modelinfo import ModelFileError
@@ -23,10 +22,23 @@ class Refusal:
     message: str
 
 
-@lru_cache(maxsize=1024)
+_SIZES: dict[FunctionSpec, Footprint] = {}
+MAX_SIZES = 1024  # specs remembered (a redeploy is a new spec); past it the memory starts again
+
+
 def _one_sequence(spec: FunctionSpec) -> Footprint:
-    """Weights plus one max_model_len sequence of KV; cached, since it reads config.json and runs per request."""
-    return footprint(spec, kv_seqs=1)
+    """Weights plus one max_model_len sequence of KV; remembered, since it reads config.json and runs per request."""
+    size = _SIZES.get(spec)
+    if size is None:
+        if len(_SIZES) >= MAX_SIZES:
+            _SIZES.clear()
+        size = _SIZES[spec] = footprint(spec, kv_seqs=1)
+    return size
+
+
+def sized(spec: FunctionSpec) -> bool:
+    """Whether `check` for `spec` is arithmetic only (its model's size is remembered): no file to read."""
+    return spec in _SIZES
 
 
 def check(spec: FunctionSpec, prompt_tokens: int, max_tokens: int, workers: list[WorkerInfo]) -> Refusal | None:

@@ -60,6 +60,7 @@ class Accepted:
     inv: Invocation
     entry_id: bytes
     state: ModelState = ModelState.COLD  # its function's model on arrival, at best across live workers
+    answered_at: float = 0.0  # when a worker wrote the last entry of its answer (Redis's clock; 0 until then)
 
 
 @dataclass
@@ -84,9 +85,24 @@ class Progress:
 
 async def live_workers(r: aredis.Redis, settings: Settings) -> list[WorkerInfo]:
     """Workers whose heartbeat is fresh, with what they last reported."""
-    ids = await r.zrangebyscore(keys.WORKERS, time.time() - settings.heartbeat_timeout_s, "+inf")
-    infos = await asyncio.gather(*(r.hget(keys.worker(i.decode()), "info") for i in ids))
-    return [WorkerInfo.from_json(raw) for raw in infos if raw]
+    return (await depth_and_workers(r, settings))[1]
+
+
+async def depth_and_workers(r: aredis.Redis, settings: Settings, stream: str = "") -> tuple[int, list[WorkerInfo]]:
+    """The length of `stream` (0 without one) and the live workers, in two pipelined round trips: every round
+    trip of a request's admission waits a turn of the gateway's event loop, which is long when it is busy."""
+    async with r.pipeline(transaction=False) as p:
+        p.zrangebyscore(keys.WORKERS, time.time() - settings.heartbeat_timeout_s, "+inf")
+        if stream:
+            p.xlen(stream)
+        ids, *depth = await p.execute()
+    infos = []
+    if ids:
+        async with r.pipeline(transaction=False) as p:
+            for i in ids:
+                p.hget(keys.worker(i.decode()), "info")
+            infos = await p.execute()
+    return int(depth[0]) if depth else 0, [WorkerInfo.from_json(raw) for raw in infos if raw]
 
 
 def state_on_arrival(workers: list[WorkerInfo], function: str) -> ModelState:
@@ -119,17 +135,17 @@ class InvokerClient:
     async def submit(self, inv: Invocation, spec: FunctionSpec) -> Accepted:
         """Accept an invocation or raise QueueFull / NoWorkers / TooLarge (or a RedisError: not accepted); once
         this returns, the request is durable."""
-        depth = await self.queue_depth(spec.name)
+        depth, workers = await depth_and_workers(self.r, self.settings, keys.invocations(spec.name))
         if depth >= spec.scaling.max_queue:
             raise QueueFull(spec.name, depth, spec.scaling.max_queue, retry_after_s=max(1, depth // 50))
-        workers = await live_workers(self.r, self.settings)
         if not workers:
             raise NoWorkers("no live worker is registered; start one with `warmserve worker`")
         # n sequences share the prompt's KV; each needs its own for the tokens it generates
         generated = inv.sampling.max_tokens * inv.sampling.n
-        refusal = await asyncio.to_thread(
-            admission.check, spec, len(inv.prompt_ids), generated, workers
-        )  # reads the model's config.json: off the event loop
+        if admission.sized(spec):  # arithmetic only
+            refusal = admission.check(spec, len(inv.prompt_ids), generated, workers)
+        else:  # the first request of a spec reads its model's config.json: off the event loop
+            refusal = await asyncio.to_thread(admission.check, spec, len(inv.prompt_ids), generated, workers)
         if refusal is not None:
             raise TooLarge(refusal)
         async with self.r.pipeline(transaction=False) as p:
@@ -184,7 +200,7 @@ class InvokerClient:
         try:
             while True:
                 try:
-                    _, fields = queue.get_nowait() if not queue.empty() else await self.next_entry(queue)
+                    entry_id, fields = queue.get_nowait() if not queue.empty() else await self.next_entry(queue)
                 except TimeoutError:
                     now = time.monotonic()
                     if now - start > timeout_s:
@@ -212,6 +228,8 @@ class InvokerClient:
                             await self.recheck(spec, accepted, lost=f"its answer lost positions {gap}.. of {ev.index}")
                             continue
                         progress.done.add(ev.index)
+                    if (isinstance(ev, Failed) or progress.complete) and accepted is not None:
+                        accepted.answered_at = keys.entry_time(entry_id)
                     yield ev
                     if isinstance(ev, Failed) or progress.complete:
                         return

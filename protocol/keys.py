@@ -82,3 +82,8 @@ def rate(key_id: str, what: str, minute: int) -> str:
     """Per-key counter of requests ("req") or tokens ("tok") in one minute, shared by every gateway; expires.
     redis-cli GET ws:rate:<key id>:req:<unix minute>"""
     return f"{PREFIX}:rate:{key_id}:{what}:{minute}"
+
+
+def entry_time(entry_id: bytes) -> float:
+    """When Redis added a stream entry (unix s): its id is `<milliseconds>-<sequence>` by Redis's clock."""
+    return int(entry_id.split(b"-", 1)[0]) / 1000

@@ -1,5 +1,7 @@
 """The publisher turns engine outputs into answer entries and acknowledges invocations (real Redis, no engine)."""
 
+import pickle
+import time
 from multiprocessing import Pipe
 
 import pytest
@@ -109,3 +111,18 @@ def test_answers_wait_in_their_outbox_while_redis_is_down(r, pub, tiny_model):
     publisher.flush()
     events = [e for batch in entries(r, "d") for e in batch]
     assert isinstance(events[0], Start) and events[-1] == Done(FinishReason.LENGTH, 1)
+
+
+def test_the_ack_says_how_long_the_first_token_took_and_the_last_one_waited_to_be_written(r, pub, tiny_model):
+    publisher, theirs = pub
+    started = submit(r, "t")
+    added = time.time() - 2.0
+    publisher.handle(Started(started.inv, started.entry_id, str(tiny_model), added))
+    first = pickle.loads(pickle.dumps(Produced([StepOutput("t", [5], False, None)], added + 0.5)))  # as piped
+    publisher.handle(first)
+    finished_at = time.time()
+    publisher.handle(Produced([StepOutput("t", [6], True, FinishReason.LENGTH)], finished_at))
+    publisher.flush()
+    (ack,) = feedback(theirs)
+    assert ack == Acked("t") and ack.first_token_s == pytest.approx(0.5)
+    assert 0 <= ack.written_s <= time.time() - finished_at

@@ -17,7 +17,7 @@ import pytest
 import redis
 from conftest import wait_for
 
-from functions.spec import parse_spec
+from functions.spec import footprint, parse_spec
 from gpu_runtime.memory import ModelHost, ModelLoadError
 from invoker.registry import Registry
 from protocol import keys
@@ -248,6 +248,48 @@ def test_a_slow_load_never_stalls_another_models_activation_and_requests(r, tiny
         assert worker.models.state("slow") == ModelState.WARM
     finally:
         gate.set()
+        worker.stop()
+
+
+def test_a_request_for_a_warm_model_takes_kv_room_from_an_idle_hot_one(r, tiny_model):
+    """A pool with room for two models' weights but one KV cache: a request for the WARM one is served (the idle
+    HOT one steps down to WARM) instead of failing with 503 because nothing WARM was left to evict."""
+    deploy(r, tiny_model, name="a")
+    deploy(r, tiny_model, name="b")
+    need = footprint(Registry(r).get("a"), FAST.kv_seqs)
+    chunks = -(-need.weight_bytes // (2 * MIB)) * 2 + -(-need.kv_bytes // (2 * MIB))  # CPU chunks: 2 MiB
+    worker = new_worker(r, ModelHost("cpu", gpu_bytes=chunks * 2 * MIB, host_cache_bytes=512 * MIB))
+    try:
+        assert worker.apply_control(ControlAction.ACTIVATE, "a") == ModelState.HOT
+        assert worker.apply_control(ControlAction.PREWARM, "b") == ModelState.WARM
+        assert isinstance(answer(r, invoke(r, [1, 2, 3], name="b"), timeout_s=30)[-1], Done)
+        assert worker.models.states() == {"a": ModelState.WARM, "b": ModelState.HOT}
+        assert worker.counters.snapshot()["deactivated_for_requests"] == 1
+        assert isinstance(answer(r, invoke(r, [4, 5], name="a"), timeout_s=30)[-1], Done)  # and back again
+        assert worker.models.states() == {"a": ModelState.HOT, "b": ModelState.WARM}
+    finally:
+        worker.stop()
+
+
+def test_a_request_with_no_kv_room_waits_for_a_busy_model_instead_of_failing(r, slow_model, tiny_model):
+    deploy(r, slow_model, name="a", max_model_len=1024)
+    deploy(r, tiny_model, name="b")
+    reg = Registry(r)
+    fa, fb = footprint(reg.get("a"), FAST.kv_seqs), footprint(reg.get("b"), FAST.kv_seqs)
+    chunks = sum(-(-n // (2 * MIB)) for n in (fa.weight_bytes, fa.kv_bytes, fb.weight_bytes))  # none for b's KV
+    worker = new_worker(r, ModelHost("cpu", gpu_bytes=chunks * 2 * MIB, host_cache_bytes=512 * MIB))
+    try:
+        assert worker.apply_control(ControlAction.ACTIVATE, "a") == ModelState.HOT
+        assert worker.apply_control(ControlAction.PREWARM, "b") == ModelState.WARM
+        busy = invoke(r, [1, 2, 3], name="a", max_tokens=1000, ignore_eos=True)
+        wait_for(lambda: len(events_so_far(r, busy)) >= 3, 30, "a's first tokens")
+        rid = invoke(r, [1, 2, 3], name="b")
+        wait_for(lambda: worker.counters.snapshot().get("start_deferred", 0) >= 1, 30, "b's request to wait")
+        assert not events_so_far(r, rid)  # no 503: it waits, pending on the worker
+        r.publish(keys.CANCEL_CHANNEL, busy)  # a goes idle: the next try takes its KV room
+        assert isinstance(answer(r, rid, timeout_s=30)[-1], Done)
+        assert worker.models.states() == {"a": ModelState.WARM, "b": ModelState.HOT}
+    finally:
         worker.stop()
 
 

@@ -19,12 +19,15 @@ class FairLock:
         self._next_ticket = 0
         self._serving = 0
 
-    def acquire(self) -> bool:
+    def acquire(self, blocking: bool = True) -> bool:
+        """Take the lock; with ``blocking`` False only if nobody holds it or waits for it (False otherwise)."""
         me = threading.get_ident()
         with self._cond:
             if self._owner == me:
                 self._depth += 1
                 return True
+            if not blocking and (self._owner is not None or self._serving != self._next_ticket):
+                return False
             ticket = self._next_ticket
             self._next_ticket += 1
             while self._serving != ticket:

@@ -193,6 +193,17 @@ class Models:
         with self._lock:
             return self._engines.get(function)
 
+    def unfinished(self) -> set[str]:
+        """Functions whose HOT engine holds work, including requests aborted since their last step."""
+        with self._lock:
+            engines = list(self._engines.items())
+        return {fn for fn, engine in engines if engine.has_unfinished()}
+
+    def hot_functions(self) -> list[str]:
+        """Functions HOT in the memory pool (transformers models hold no pool memory)."""
+        with self._lock:
+            return [fn for fn in self._engines if fn not in self.reference.loaded]
+
     def tokenizer(self, spec: FunctionSpec) -> Tokenizer:
         key = identity(spec)
         with self._lock:

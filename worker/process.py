@@ -169,6 +169,7 @@ class Worker:
             self._specs_checked = now
             self.refresh_specs()
         self.consumer.consume_once(self.models.states(), self.stopping)
+        self.streamer.retry_waiting()
 
     def step_once(self) -> None:
         self.streamer.step_once()

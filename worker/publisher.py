@@ -26,7 +26,8 @@ import os
 import signal
 import sys
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from queue import Empty, SimpleQueue
@@ -61,22 +62,24 @@ class Started:
     inv: Invocation
     entry_id: bytes
     model: str | None
+    added: float = 0.0  # when it joined its engine (the worker's clock)
 
 
 @dataclass(frozen=True)
 class Produced:
     outs: list  # the StepOutputs of one engine step
+    at: float = 0.0  # when the step ended (the worker's clock)
 
     def __reduce__(self) -> tuple:
         # Hundreds of outputs cross the pipe every step, on the engine thread's time: as plain tuples they pickle
         # about 7x faster than as dataclasses (which pickle through copyreg and a __dict__ each).
-        return _produced, ([tuple(vars(o).values()) for o in self.outs],)
+        return _produced, ([tuple(vars(o).values()) for o in self.outs], self.at)
 
 
-def _produced(rows: list[tuple]) -> Produced:
+def _produced(rows: list[tuple], at: float) -> Produced:
     from gpu_runtime.engine.sequence import StepOutput  # noqa: F811 (imported here, as unpickling would)
 
-    return Produced([StepOutput(*row) for row in rows])
+    return Produced([StepOutput(*row) for row in rows], at)
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,10 @@ class Ready:
 @dataclass(frozen=True)
 class Acked:
     request_id: str
+    # For the worker's counters (0 for an answer without tokens): its engine start to the end of the step with its
+    # first token, and the end of the step with its last token to its whole answer written and acknowledged.
+    first_token_s: float = field(default=0.0, compare=False)
+    written_s: float = field(default=0.0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -138,7 +145,7 @@ class Publisher:
 
     def handle(self, msg: object) -> None:
         if isinstance(msg, Produced):
-            self.collect(msg.outs)
+            self.collect(msg.outs, msg.at)
         elif isinstance(msg, Started):
             self.started(msg)
         elif isinstance(msg, Fail):
@@ -153,7 +160,7 @@ class Publisher:
                 run.finished = run.answered = True
 
     def started(self, msg: Started) -> None:
-        run = self.runs[msg.inv.request_id] = Running(msg.inv, msg.entry_id)
+        run = self.runs[msg.inv.request_id] = Running(msg.inv, msg.entry_id, added=msg.added)
         if msg.model is None:
             return
         try:
@@ -172,12 +179,15 @@ class Publisher:
         else:
             run.start_pending = True
 
-    def collect(self, outs: list) -> None:
-        """Turn engine outputs into events in each request's outbox (positions advance here, once)."""
+    def collect(self, outs: list, at: float = 0.0) -> None:
+        """Turn engine outputs into events in each request's outbox (positions advance here, once); `at` is when
+        the step that produced them ended."""
         for out in outs:
             run = self.runs.get(out.request_id)
             if run is None or run.finished or not run.choices:
                 continue  # finished here already (a failure): the engine's late tokens go nowhere
+            run.first_out = run.first_out or at
+            run.last_out = at
             if run.start_pending:  # the first output of a request that echoes its prompt carries its logprobs
                 run.start_pending = False
                 prompt = None if out.prompt_logprobs is None else tuple(out.prompt_logprobs)
@@ -238,7 +248,15 @@ class Publisher:
                 p.execute()
             for run in done:  # the answer is complete and the invocation gone from the queue: only now
                 del self.runs[run.inv.request_id]
-                self.feedback.send(Acked(run.inv.request_id))
+                self.feedback.send(acked(run))
+
+
+def acked(run: Running) -> Acked:
+    """The worker's notice that `run` is done, with how long its first token took and its last one waited to be
+    written (zeros for an answer the engine produced nothing for)."""
+    if not run.first_out or not run.added:
+        return Acked(run.inv.request_id)
+    return Acked(run.inv.request_id, run.first_out - run.added, time.time() - run.last_out)
 
 
 def die_with_parent() -> None:

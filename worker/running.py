@@ -34,7 +34,10 @@ class Running:
     entry_id: bytes
     choices: list[Choice] = field(default_factory=list)  # one per sequence; none for a request failed before start
     start_pending: bool = False  # Start carries the prompt's logprobs (echo), which come with the first output
-    started: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.time)  # read from its function's stream (this worker's clock)
+    added: float = 0.0  # joined its engine
+    first_out: float = 0.0  # the end of the engine step that produced its first token
+    last_out: float = 0.0  # ... and its last one
     outbox: list[Event] = field(default_factory=list)  # events not yet written to Redis
     finished: bool = False  # every choice finished, or the request failed
     answered: bool = False  # the whole answer is on its stream: acknowledge (again, if Redis failed the last try)
@@ -98,6 +101,10 @@ class Counters:
     def add(self, name: str, n: int = 1) -> None:
         with self._lock:
             self._counts[name] += n
+
+    def add_many(self, counts: dict[str, int]) -> None:
+        with self._lock:
+            self._counts.update(counts)
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:

@@ -15,12 +15,13 @@ from collections.abc import Callable
 import redis
 
 from functions.spec import FunctionSpec
-from gpu_runtime.memory import HostCacheFull, ModelLoadError, ModelTooLarge, PoolExhausted
+from gpu_runtime.memory import HostCacheFull, LoadYielded, ModelLoadError, ModelTooLarge, PoolExhausted
 from modelinfo import ModelFileError
 from protocol import keys
 from protocol.errors import NotDeployed, RequestError
 from protocol.messages import Failed, Invocation
 from protocol.settings import Settings
+from protocol.states import ControlAction, ModelState
 from worker.models import Models, ServingEngine
 from worker.publisher import Acked, Fail, Forget, Produced, PublisherProcess, Started, StopEngine
 from worker.running import Counters, Running, RunningTable
@@ -28,11 +29,16 @@ from worker.running import Counters, Running, RunningTable
 log = logging.getLogger(__name__)
 
 
+def us(seconds: float) -> int:
+    """A delay as whole microseconds for the counters (0 when clocks out of step make it negative)."""
+    return int(1e6 * max(0.0, seconds))
+
+
 def failure(function: str, exc: Exception) -> Failed:
     """The answer a request gets for `exc`, by cause: 4xx only for the client's own mistake."""
     if isinstance(exc, RequestError):
         return Failed(exc.status, str(exc))
-    if isinstance(exc, (PoolExhausted, ModelTooLarge, HostCacheFull)):
+    if isinstance(exc, (PoolExhausted, ModelTooLarge, HostCacheFull, LoadYielded)):
         return Failed(503, f"function '{function}' cannot be brought up on this worker now: {exc}")
     if isinstance(exc, (ModelLoadError, ModelFileError)):
         return Failed(500, f"function '{function}': its model files cannot be loaded: {exc}")
@@ -59,6 +65,7 @@ class Streamer:
         self.spec = spec
         self.publisher: PublisherProcess  # started with the worker's threads (Worker.start)
         self.work = threading.Event()  # set when a request starts, so an idle engine loop wakes at once
+        self.waiting: dict[str, list[Running]] = {}  # function -> requests that found no room for its KV yet
         self.prefix_seen: dict[str, tuple[int, int, int]] = {}  # function -> (id of its engine, hit, query) counted
 
     # ---- starting ----
@@ -81,11 +88,22 @@ class Streamer:
             else:
                 self.drop_duplicate(stream, entry_id, inv.request_id)
         for function, batch in runs.items():
-            self.start_function(function, batch)
+            if function in self.waiting:  # behind the requests still waiting for room: first come, first served
+                self.waiting[function] += batch
+            else:
+                self.start_function(function, batch)
         if runs:
             self.work.set()
 
-    def start_function(self, function: str, runs: list[Running]) -> None:
+    def retry_waiting(self) -> None:
+        """Try again to start the requests that found no room for their model's KV (the consumer thread, after
+        each read); those whose client left meanwhile are dropped."""
+        for function in list(self.waiting):
+            runs = [run for run in self.waiting.pop(function) if not run.finished]
+            if runs:
+                self.start_function(function, runs, retried=True)
+
+    def start_function(self, function: str, runs: list[Running], retried: bool = False) -> None:
         spec = self.spec(function)
         if spec is None:
             for run in runs:
@@ -94,17 +112,66 @@ class Streamer:
         started = 0
         try:
             with self.models.lock(spec.name):
-                engine = self.models.engine_for_request(spec)
+                engine = self.engine_for(spec)
                 self.models.tokenizer(spec)  # a broken tokenizer fails here, by cause, not in the publisher
                 for run in runs:
                     self.start_one(spec, engine, run)
                     started += 1
+        except PoolExhausted as exc:
+            self.defer_or_refuse(spec.name, runs[started:], exc, retried)
         except Exception as exc:  # a model that can't load fails its requests, not the worker
             answer = failure(spec.name, exc)
             if answer.status >= 500:
                 log.exception("cannot start %d requests on %s", len(runs) - started, spec.name)
             for run in runs[started:]:
                 self.refuse(run, answer)
+
+    def defer_or_refuse(self, function: str, runs: list[Running], exc: PoolExhausted, retried: bool) -> None:
+        """No room for the model's KV while every other model is busy: the requests wait (still pending on this
+        worker, so a crash re-delivers them) and are tried again after each read; one waiting longer than
+        `start_wait_s` since its submission is answered 503."""
+        young = [run for run in runs if time.time() - run.inv.created < self.settings.start_wait_s]
+        for run in runs:
+            if run not in young:
+                log.warning("%s: request %s found no room for %.0f s; answering 503", function, run.inv.request_id,
+                            self.settings.start_wait_s)  # fmt: skip
+                self.refuse(run, failure(function, exc))
+        if young:
+            self.waiting[function] = young
+        if not retried:
+            self.counters.add("start_deferred", len(young))
+            log.info("%s: no room for its KV now (%s); %d requests wait", function, exc, len(young))
+
+    def engine_for(self, spec: FunctionSpec) -> ServingEngine:
+        """`spec`'s HOT engine (the caller holds its lock). A WARM model whose KV finds no room takes it from idle
+        HOT models, one at a time: requests here now come before an idle model's reservation (the warmer may
+        have kept it HOT for a forecast; it activates it again when that traffic comes)."""
+        while True:
+            try:
+                return self.models.engine_for_request(spec)
+            except PoolExhausted:
+                if not self.deactivate_idle(exclude=spec.name):
+                    raise
+
+    def deactivate_idle(self, exclude: str) -> bool:
+        """Deactivate the least recently used HOT model with no request here whose lock is free now (tried, never
+        waited for: the caller holds another model's lock); True if one went."""
+        busy, used = self.running.inflight(), self.running.last_used()
+        for fn in sorted(self.models.hot_functions(), key=lambda f: used.get(f, 0.0)):
+            spec, lock = self.spec(fn), self.models.lock(fn)
+            if fn == exclude or busy.get(fn) or spec is None or not lock.acquire(blocking=False):
+                continue
+            try:
+                engine = self.models.hot_engine(fn)
+                if engine is None or engine.has_unfinished() or self.running.of(fn):
+                    continue
+                log.info("deactivating idle %s to make room for a request of %s", fn, exclude)
+                if self.models.apply(ControlAction.DEACTIVATE, spec) != ModelState.HOT:
+                    self.counters.add("deactivated_for_requests")
+                    return True
+            finally:
+                lock.release()
+        return False
 
     def start_one(self, spec: FunctionSpec, engine: ServingEngine, run: Running) -> None:
         """Add one request to its engine (the caller holds the model's lock, so the engine cannot step it before
@@ -118,11 +185,22 @@ class Streamer:
                 log.exception("cannot start %s on %s", inv.request_id, spec.name)
             self.refuse(run, answer)
             return
-        self.publisher.send(Started(inv, run.entry_id, spec.model))
-        # Submission at the gateway to a seat in the engine: queueing, routing and this worker's admission
-        # (the gateway's clock: meaningful where hosts keep their clocks in step, as NTP does).
-        self.counters.add("admitted")
-        self.counters.add("admission_us", int(1e6 * max(0.0, time.time() - inv.created)))
+        run.added = time.time()
+        self.publisher.send(Started(inv, run.entry_id, spec.model, run.added))
+        self.count_admission(run)
+
+    def count_admission(self, run: Running) -> None:
+        """Submission at the gateway to a seat in the engine, and its parts: the gateway's checks up to the XADD
+        (the entry id is Redis's clock), the wait in the stream until this worker read it, and the read to the
+        engine (parsing, the model's lock). Three clocks: meaningful where hosts keep them in step (NTP)."""
+        queued = keys.entry_time(run.entry_id)
+        self.counters.add_many({
+            "admitted": 1,
+            "admission_us": us(run.added - run.inv.created),
+            "submit_us": us(queued - run.inv.created),
+            "queued_us": us(run.started - queued),
+            "start_us": us(run.added - run.started),
+        })  # fmt: skip
 
     def refuse(self, run: Running, answer: Failed) -> None:
         """Fail a request that never started: no Start event, so the client gets the failure's HTTP status."""
@@ -142,7 +220,9 @@ class Streamer:
         """Step every HOT engine that has work once (round robin over models) and hand the outputs to the
         publisher process, so the next step starts while the last one's tokens are detokenized and written."""
         busy = False
-        for fn in {run.inv.function for run in self.running.all()}:
+        # an engine whose last requests were aborted (their clients left) is stepped until it lets them go, or
+        # its KV would stay taken and the model could never step down
+        for fn in {run.inv.function for run in self.running.all()} | self.models.unfinished():
             with self.models.lock(fn):
                 engine = self.models.hot_engine(fn)
                 if engine is None or not engine.has_unfinished():
@@ -157,7 +237,7 @@ class Streamer:
                     continue
                 self.count_step(fn, engine, outs, began)
                 if outs:  # sent under the model's lock, so after the Started of every request in it
-                    self.publisher.send(Produced(outs))
+                    self.publisher.send(Produced(outs, time.time()))
         if not busy:
             self.work.wait(0.01 if self.running.all() else 0.05)
             self.work.clear()
@@ -174,6 +254,10 @@ class Streamer:
             os._exit(70)
         if isinstance(msg, Acked):
             self.running.pop(msg.request_id)
+            if msg.first_token_s or msg.written_s:
+                self.counters.add_many({
+                    "answered": 1, "first_token_us": us(msg.first_token_s), "written_us": us(msg.written_s)
+                })  # fmt: skip
         elif isinstance(msg, StopEngine):
             run = self.running.get(msg.request_id)
             if run is not None:

@@ -511,6 +511,9 @@ class Sim:
         the policy lends idle pool memory, no other pool holds: WARM copies on its GPUs are evicted for it; if it
         still does not fit, nothing happens and False is returned."""
         assert x.state is ModelState.WARM, x.state
+        if x.reserve:  # the pool the policy sizes for the function's traffic now (warmserve resizes them)
+            x.reserve = float(self.policy.kv_reserve(x.f)) or x.reserve
+            x.kv_cap = x.reserve
         if x.reserve and not all(self._reclaim(g, x.reserve, exclude=x, dry=True) for g in x.gpus):
             return False
         if x.reserve and not all(self._reclaim(g, x.reserve, exclude=x) for g in x.gpus):

@@ -30,7 +30,8 @@ import numpy as np
 
 from protocol.settings import DEFAULTS, Settings
 from protocol.states import ControlAction, ModelState
-from sim.cluster import Inst, Sim, SimFunction
+from sim import sizing
+from sim.cluster import Inst, Sim
 from warmer.cluster import GPU, ClusterView, FunctionSpec, Instance, Load, Worker
 from warmer.forecast import Prediction, act_on, for_settings, live_rate, this_and_next
 from warmer.placement import Options, plan
@@ -340,7 +341,14 @@ class WarmServe(Policy):
             raise ValueError(f"warmserve: unknown forecast {ablation.forecast!r}; choose model, none or oracle")
         self.name = "warmserve" + {"model": "", "none": "-reactive", "oracle": "-oracle"}[ablation.forecast]
         self.name += "-firstfit" * ablation.first_fit + "-nolend" * (not ablation.lending)
-        self._pools: list[float] = []
+        self.resize_pools = True  # pools follow today's peak (`_resize_pools`); False: the sizing's, all run
+        self._pools: list[float] = []  # per function: the KV pool a copy activated now gets (per GPU)
+        self._caps: list[float] = []  # and the capacity (req/s) that pool gives
+        self._sized_for: list[float] = []  # the peak rate (req/s) the pools were last sized for
+        self._base_peak = np.zeros(0)  # the last day's peak window rate before the run (the functions' sizing)
+        self._windows: deque[np.ndarray] = deque()  # per-window counts of the last day, history then live
+        self._win_at: tuple[int, np.ndarray] | None = None  # (window, sim.arrived at its start)
+        self._requests: list[tuple[np.ndarray, np.ndarray]] = []  # per function: its requests' prompt, output
         self.lead_s = settings.lead_s
         self.history_windows = settings.history_windows
         self._cur: dict[str, Prediction] = {}
@@ -350,7 +358,7 @@ class WarmServe(Policy):
         self._arr_hist: deque[tuple[float, np.ndarray]] = deque()
         self._last_reactive: dict[int, float] = {}
         self._use: dict[int, float] = {}  # per function: forecast use of its pools at the last plan (pool_lend)
-        self.counters = {"plans": 0, "actions": 0, "skipped": 0}
+        self.counters = {"plans": 0, "actions": 0, "skipped": 0, "pool_resizes": 0}
 
     # -- forecasts
     def _forecast(self, sim: Sim, now: float) -> dict[str, Prediction]:
@@ -394,6 +402,48 @@ class WarmServe(Policy):
     def kv_reserve(self, f: int) -> float:
         return self._pools[f]
 
+    # -- pools sized for today's traffic
+    def _resize_pools(self, sim: Sim, now: float, preds: dict[str, Prediction]) -> bool:
+        """Size each function's pool, for copies activated from now on (a pool stays as it was mapped until its
+        copy is deactivated, as the engine's does), for the larger of the peak its sizing assumed (the last day
+        before the run) and today's: the last day's peak window rate counted on through the run, and the forecast
+        mean rate of the window ahead (a window's rate, as the sizing's input is; the forecast's peak is its
+        uncertainty, which an exact forecast does not have). Never below the sizing's own pool: where today's
+        traffic stays under yesterday's peak nothing changes. A function whose traffic outgrew yesterday's peak
+        would otherwise run copies with pools for a handful of requests, and at `max_instances` it would queue (a
+        day of traffic: 13b-6 at 4 req/s on 8 copies with 0.7-GB pools, queues of thousands). True if a pool
+        changed."""
+        if not self.resize_pools:
+            return False
+        changed = False
+        w = int((now - sim.w.start_s) // self.window_s)
+        if self._win_at is None:
+            self._win_at = (w, sim.arrived.copy())
+        elif w != self._win_at[0]:  # a window (or more) ended: its counts join the last day's
+            self._windows.append(sim.arrived - self._win_at[1])
+            self._win_at = (w, sim.arrived.copy())
+        day_peak = np.max(np.stack(self._windows), axis=0) / self.window_s if self._windows else self._base_peak
+        for f, fn in enumerate(sim.fns):
+            p = preds.get(fn.name)
+            peak = max(float(day_peak[f]), p.mean if p else 0.0)
+            if peak <= self._base_peak[f] * 1.001:
+                peak = float(self._base_peak[f])
+            if abs(peak - self._sized_for[f]) <= 0.1 * self._sized_for[f]:
+                continue  # within 10% of what the pools are sized for: keep them
+            self._sized_for[f] = peak
+            if peak == self._base_peak[f]:
+                pool, cap = fn.kv_pool_bytes, fn.pool_capacity_rps
+            else:
+                prompt, output = self._requests[f]
+                s = sizing.size(fn.engine, sim.p.usable_bytes, prompt, output, peak)
+                pool, cap = (s.pool_bytes, s.capacity_rps) if s.pool_bytes > fn.kv_pool_bytes else (
+                    fn.kv_pool_bytes, fn.pool_capacity_rps)  # fmt: skip
+            if pool != self._pools[f]:
+                self._pools[f], self._caps[f] = pool, cap
+                self.counters["pool_resizes"] += 1
+                changed = True
+        return changed
+
     def pool_lend(self, sim: Sim, g: int, x: Inst) -> float:
         """The idle part of the lenders' pools on g that their own forecast leaves idle (the planner's
         `_safe_lendable`): a new pool may share only that, so lenders keep the pages their traffic will need."""
@@ -411,16 +461,16 @@ class WarmServe(Policy):
     # -- view of the cluster for the planner
     def specs(self, sim: Sim) -> dict[str, FunctionSpec]:
         out = {}
-        for fn in sim.fns:
+        for f, fn in enumerate(sim.fns):
             m = fn.engine.m
             out[fn.name] = FunctionSpec(
                 name=fn.name,
                 weight_bytes=m.weight_bytes,
-                kv_bytes=int(fn.kv_pool_bytes),
+                kv_bytes=int(self._pools[f]),
                 tp=m.tp,
                 keep_alive_s=fn.keep_alive_s,
                 slo_ttft_s=fn.slo_ttft_s,
-                capacity_rps=fn.pool_capacity_rps,
+                capacity_rps=self._caps[f],
             )
         return out
 
@@ -449,7 +499,7 @@ class WarmServe(Policy):
                     x.last_used,
                     inflight=x.load(),
                     kv_used_bytes=int(x.kv_bytes),
-                    kv_reserved_bytes=specs[name].kv_bytes if x.state is ModelState.HOT else 0,
+                    kv_reserved_bytes=int(x.reserve) if x.state is ModelState.HOT else 0,
                 )
             )
         # Recent arrival rate over the last `rate_window_s`: over one planner tick the Azure trace's bursts make it so
@@ -472,8 +522,10 @@ class WarmServe(Policy):
 
     # -- acting
     def _run_plan(self, sim: Sim, now: float, initial: bool = False) -> None:
-        view, preds = self.view(sim, now), self._forecast(sim, now)
-        self._use = {f: self._forecast_use(fn, preds.get(fn.name), view.load[fn.name].arrivals_rps)
+        preds = self._forecast(sim, now)
+        self._resize_pools(sim, now, preds)
+        view = self.view(sim, now)
+        self._use = {f: self._forecast_use(self._caps[f], preds.get(fn.name), view.load[fn.name].arrivals_rps)
                      for f, fn in enumerate(sim.fns)}  # fmt: skip
         actions = plan(view, preds, now, self.options)
         self.counters["plans"] += 1
@@ -504,14 +556,22 @@ class WarmServe(Policy):
                 self.counters["skipped"] += 1
 
     @staticmethod
-    def _forecast_use(fn: SimFunction, pred: Prediction | None, rps: float) -> float:
+    def _forecast_use(capacity_rps: float, pred: Prediction | None, rps: float) -> float:
         """A function's forecast peak (or measured rate, if higher) in instances' worth: how much of its pools it
         will use (the planner's mean + burst)."""
         peak = max(pred.peak, pred.mean) if pred else 0.0
-        return max(peak, rps) / max(fn.pool_capacity_rps, 1e-9)
+        return max(peak, rps) / max(capacity_rps, 1e-9)
 
     def setup(self, sim: Sim) -> None:
         self._pools = [fn.kv_pool_bytes for fn in sim.fns]
+        self._caps = [fn.pool_capacity_rps for fn in sim.fns]
+        day = max(1, int(86_400 // self.window_s))
+        recent = self.history[:, -day:]
+        self._base_peak = recent.max(axis=1) / self.window_s if recent.size else np.zeros(len(sim.fns))
+        self._sized_for = [float(p) for p in self._base_peak]
+        self._windows = deque((recent[:, i] for i in range(recent.shape[1])), maxlen=day)
+        self._win_at = None
+        self._requests = [(sim.w.prompt[sim.w.fn == f], sim.w.output[sim.w.fn == f]) for f in range(len(sim.fns))]
         # History windows are counted from time 0, so they must end exactly where the run starts.
         if self.history.shape != (len(sim.fns), int(sim.w.start_s // self.window_s)):
             raise ValueError(

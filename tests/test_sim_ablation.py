@@ -1,6 +1,7 @@
 """What each warmserve technique earns, pinned on tiny workloads: a better forecast never does worse, forecasting
-beats reacting on a periodic burst, an unfittable request is refused and blocks nobody, and KV lending is used
-(and does no worse than not lending) when memory is short, sharing only what the lender's forecast leaves idle."""
+beats reacting on a periodic burst, an unfittable request is refused and blocks nobody, KV lending is used (and
+does no worse than not lending) when memory is short, sharing only what the lender's forecast leaves idle, and a
+pool activated once today's traffic outgrew yesterday's peak is sized for today's."""
 
 from dataclasses import replace
 from types import SimpleNamespace
@@ -9,11 +10,12 @@ import numpy as np
 import pytest
 from test_sim import DAY, MODELS, PROFILE, scenario, ttft
 
+from protocol.settings import DEFAULTS
 from protocol.states import ModelState
 from sim import periodic as periodic_shape
 from sim.cluster import Inst
 from sim.policies import Ablation, WarmServe
-from sim.scenario import run_policy
+from sim.scenario import make_functions, run_policy
 
 
 def periodic():
@@ -128,3 +130,28 @@ def test_periodic_groups_burst_in_their_own_window_every_hour():
         assert row.mean() == pytest.approx(1.0)  # the hour's traffic, all in one window
     # groups evenly spaced, each in its own window: a gap between bursts for the planner to swap copies in
     assert len({periodic_shape.burst_window(g) for g in range(periodic_shape.GROUPS)}) == periodic_shape.GROUPS
+
+
+def test_a_pool_grows_when_todays_traffic_outgrows_yesterdays_peak():
+    # Yesterday "f" saw one request per window, so its pool holds one request; today it bursts at 1.25 req/s for
+    # a minute, twice. Once a window of today's traffic is counted, copies activated for the second burst get
+    # a pool sized for today's rate and serve it batched; with pools kept at yesterday's size each copy runs one
+    # request at a time and the burst queues (mean TTFT 3.5 s against 0.02 s).
+    hist = np.ones(3 * 288, np.int64)
+    times = np.concatenate([np.arange(0.0, 60.0, 0.8), np.arange(400.0, 460.0, 0.8)])
+    sc = scenario(times, history=hist, outputs=200, start=3 * DAY, duration=900.0)
+    peak = hist[-288:].max() / DEFAULTS.window_s
+    sc = replace(sc, functions=make_functions(PROFILE, ["llama-7b"], ["f"], sc.workload, 60.0, np.array([peak])))
+    runs = {}
+    for resize in (True, False):
+        policy = WarmServe(sc.history)
+        policy.resize_pools = resize
+        runs[resize] = run_policy(sc, "warmserve", policy=policy)
+    (grown, s_grown), (fixed, s_fixed) = runs[True], runs[False]
+    second = fixed.w.t >= fixed.w.start_s + 400.0
+    assert s_grown["counters"]["pool_resizes"] >= 1 and s_fixed["counters"]["pool_resizes"] == 0
+    assert grown.policy.kv_reserve(0) >= 2 * sc.functions[0].kv_pool_bytes
+    assert s_grown["slo_attainment"] > s_fixed["slo_attainment"] + 0.3
+    assert np.mean(ttft(grown)[second]) < 0.5 * np.mean(ttft(fixed)[second])
+    # the first burst, before any of today's windows is counted, is served alike
+    assert np.mean(ttft(grown)[~second]) == pytest.approx(np.mean(ttft(fixed)[~second]))

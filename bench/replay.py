@@ -132,9 +132,12 @@ def summarize(sent: list[Sent], sc: Scenario, end_s: float) -> dict:
 
 
 def predict(sc: Scenario, policy: str, drain_s: float) -> dict:
-    """The simulator's prediction of the same run (same functions, arrivals, history, time scale, drain). Static
-    places by the past day's mean rates, as it does live, not by the run's true ones."""
+    """The simulator's prediction of the same run (same functions, arrivals, history, time scale, drain, and the
+    worker's fixed KV reservation). Static places by the past day's mean rates, as it does live, not by the run's
+    true ones."""
     pol = named_policy(policy, sc.settings, past_mean_rps(sc.history, sc.settings), sc.history)
+    if hasattr(pol, "resize_pools"):
+        pol.resize_pools = False  # the live worker's KV reservation is fixed (replay_setup.live_pool)
     _, s = run_policy(sc, policy, max_drain_s=drain_s, policy=pol)
     return {k: s[k] for k in KEYS} | {"states": s["states"]}
 

@@ -18,6 +18,7 @@ import numpy as np
 from modelinfo import config_from_dict
 from protocol.settings import DEFAULTS, Settings
 from sim import traces
+from sim.cluster import SimFunction
 from sim.engine_model import Profile
 from sim.models import ModelShape, shape
 from sim.paper_setup import HISTORY_DAYS, START_HOUR
@@ -137,4 +138,23 @@ def scenario(setup: Setup, rate_rps: float, profile: Profile, settings: Settings
     # sized as assemble does, for the live clock: rates k times the trace's, keep-alive k times shorter
     peak = recent_peak_rps(sc.history, DEFAULTS.window_s) * k
     fns = make_functions(profile, shapes, setup.names, live, keep_alive_s=60.0 / k, peak_rps=peak)
+    pairs = enumerate(zip(fns, shapes, strict=True))
+    fns = [live_pool(f, m, live, i, setup.max_model_len, profile) for i, (f, m) in pairs]
     return replace(sc, workload=live, functions=fns, settings=settings, warmup_s=sc.warmup_s / k)
+
+
+def live_pool(f: SimFunction, m: ModelShape, wl: traces.Workload, i: int, max_model_len: int, profile: Profile
+              ) -> SimFunction:  # fmt: skip
+    """`f` with the KV the live worker reserves for every HOT model, whatever the policy: `kv_seqs` sequences at
+    `max_model_len` (worker/models.py), and the batch and capacity that pool gives the function's requests. The
+    simulator's own sizing (from request statistics) is not what the replay's worker does, so it would not
+    predict it."""
+    per_tok = m.kv_bytes_per_token / m.tp
+    pool = per_tok * max_model_len * DEFAULTS.kv_seqs
+    mine = wl.fn == i
+    prompt = float(np.mean(wl.prompt[mine])) if mine.any() else float(profile.slo_prefill_tokens)
+    output = float(np.mean(wl.output[mine])) if mine.any() else 1.0
+    batch = int(min(DEFAULTS.engine_max_num_seqs, max(1, pool // ((prompt + output) * per_tok))))
+    cap = f.engine.capacity_rps(prompt, output, batch)
+    return replace(f, kv_full_bytes=pool, kv_pool_bytes=pool, capacity_rps=cap, pool_capacity_rps=cap,
+                   target_concurrency=max(1, int(batch * profile.capacity_headroom)))  # fmt: skip

@@ -25,8 +25,8 @@ class Settings:
     read_batch: int = 64  # invocations taken per XREADGROUP (they join the engine together: one lock hold)
     kv_seqs: int = 8  # KV a HOT model reserves: this many sequences at its max_model_len
     drain_wait_s: float = 2.0  # a deactivate/evict waits this long for the model's running requests to finish
-    # a request whose WARM model finds no room for its KV (every other model busy) is retried at each heartbeat
-    # for this long after its submission, then answered 503
+    # a request whose WARM model finds no room for its KV (every other model busy) is retried after each of the
+    # worker's reads for this long after its submission, then answered 503
     start_wait_s: float = 30.0
     engine_max_num_seqs: int = 64  # sequences one engine batches at once (CUDA graphs are captured up to 256)
     # ---- the gateway and the router ----

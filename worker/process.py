@@ -103,7 +103,26 @@ class Worker:
         if state.servable:  # let the next cold request route at once instead of waiting out the lock
             self.r.delete(keys.routing_lock(function))
         self.publish_info()
+        if action == ControlAction.ACTIVATE and state == ModelState.HOT:
+            self.capture_graphs(function)
         return state
+
+    def capture_graphs(self, function: str) -> None:
+        """Capture a model the warmer activated ahead of its traffic's CUDA graphs here, in the control job, one
+        size per hold of its lock (a request arriving meanwhile steps in between). Left to its first steps, each
+        capture would stall the engine thread, which every model's steps share, for tens of milliseconds, and the
+        first of a model shape for seconds (its kernels compile); seen live in the replay. A model activated for a
+        request (worker/streamer.py) captures lazily: its request should not wait for sizes it may never use."""
+        engine = self.models.hot_engine(function)
+        for rows in getattr(engine, "missing_graphs", list)():
+            with self.models.lock(function):
+                if self.models.hot_engine(function) is not engine or self.stopping.is_set():
+                    return  # moved on meanwhile
+                try:
+                    engine.capture_graph(rows)
+                except Exception:  # the lazy path is still there: never fail the activation for this
+                    log.warning("%s: capturing the decode graph of %d rows failed", function, rows, exc_info=True)
+                    return
 
     # ---- registry ----
     def spec(self, function: str) -> FunctionSpec | None:

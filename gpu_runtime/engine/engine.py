@@ -217,6 +217,14 @@ class Engine:
             self.allocator.release(buffer)
         self._kv_owned = False
 
+    def missing_graphs(self) -> list[int]:
+        """Decode batch sizes whose CUDA graph is not captured yet (empty on CPU)."""
+        return self.runner.missing_graphs()
+
+    def capture_graph(self, rows: int) -> None:
+        """Capture one decode graph ahead of need (the caller keeps ``step`` from running meanwhile)."""
+        self.runner.capture_graph(rows)
+
     def prefix_cache_tokens(self) -> tuple[int, int]:
         """(prompt tokens served from the prefix cache, prompt tokens looked up), each request counted once."""
         return self.blocks.hit_tokens, self.blocks.query_tokens

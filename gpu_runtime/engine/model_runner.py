@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gpu_runtime import device_sync
 from gpu_runtime.engine.attention import AttnMeta, PrefillSeq
 from gpu_runtime.engine.model import LlamaModel
 from gpu_runtime.engine.scheduler import Batch
@@ -250,6 +251,17 @@ class ModelRunner:
         graph.replay()
         return logits[: len(sample)]
 
+    def missing_graphs(self) -> list[int]:
+        """Decode graph sizes not captured yet for the attached KV cache (none without graphs or a cache)."""
+        if not self.use_cuda_graphs or self.kv_key is None:
+            return []
+        return [bs for bs in self.graph_sizes if (self.kv_key, bs) not in self.graphs]
+
+    @torch.inference_mode()
+    def capture_graph(self, bs: int) -> None:
+        """Capture the decode graph for ``bs`` rows now rather than at the first step that needs it."""
+        self._graph(bs)
+
     def _graph_sample(self, bs: int) -> torch.Tensor:
         """The static sampled-rows input of the graph for ``bs`` rows."""
         return self._sample[: min(bs, self.max_num_seqs)]
@@ -292,10 +304,16 @@ class ModelRunner:
             run()  # compiles Triton kernels and warms cuBLAS outside the capture
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        # Graphs are captured lazily while the worker serves; other threads may map, unmap or synchronise for
-        # other models meanwhile. "thread_local" confines capture's restrictions to this thread ("global", the
-        # default, would fail the capture or their calls).
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            out = run()
+        # Graphs are captured lazily while the worker serves; other threads may map, unmap and copy for other
+        # models meanwhile. "thread_local" confines capture's restrictions to this thread ("global", the default,
+        # would fail the capture or their calls); device-wide synchronisation waits for the capture to end.
+        try:
+            with device_sync.capturing(), torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                out = run()
+        except Exception:
+            # A failed capture can leave its memory pool marked as recording, and every later capture into it
+            # would fail: later graphs of this runner go to a fresh pool (the failed one's memory is lost).
+            self._pool = torch.cuda.graph_pool_handle()
+            raise
         log.info("captured %s CUDA graph in %.0f ms", what, 1e3 * (time.perf_counter() - began))
         return graph, out

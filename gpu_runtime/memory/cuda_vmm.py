@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gpu_runtime import device_sync
+
 try:
     from cuda.bindings import driver as cu
 except ImportError:  # cuda-python < 12.6 spells the module differently
@@ -122,7 +124,7 @@ class CudaVmmBackend:
         )
 
     def unmap(self, rng: CudaRange, slots: list[int]) -> None:
-        torch.cuda.synchronize(self.device)  # no kernel may still read what we take away
+        device_sync.synchronize(self.device)  # no kernel may still read what we take away
         for first, count in _runs(sorted(slots)):
             _check(cu.cuMemUnmap(self._ptr(rng, first), count * self.chunk_bytes), "cuMemUnmap")
 
@@ -131,7 +133,7 @@ class CudaVmmBackend:
         if self._scratch is None:
             self._scratch = self.reserve(1)
         self.map(self._scratch, [(0, new)])
-        torch.cuda.synchronize(self.device)
+        device_sync.synchronize(self.device)
         _check(
             cu.cuMemcpyDtoD(self._ptr(self._scratch, 0), self._ptr(rng, slot), self.chunk_bytes),
             "cuMemcpyDtoD",
@@ -144,7 +146,7 @@ class CudaVmmBackend:
         return torch.as_tensor(rng, device=self.device)
 
     def synchronize(self) -> None:
-        torch.cuda.synchronize(self.device)
+        device_sync.synchronize(self.device)
 
     def _ptr(self, rng: CudaRange, slot: int):
         if not 0 <= slot < rng.n_slots:

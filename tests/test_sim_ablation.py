@@ -1,7 +1,8 @@
 """What each warmserve technique earns, pinned on tiny workloads: a better forecast never does worse, forecasting
 beats reacting on a periodic burst, an unfittable request is refused and blocks nobody, KV lending is used (and
 does no worse than not lending) when memory is short, sharing only what the lender's forecast leaves idle, and a
-pool activated once today's traffic outgrew yesterday's peak is sized for today's."""
+pool activated once today's traffic outgrew yesterday's peak is sized for today's; and the diagnosis tool
+(sim/diagnose.py) gives every miss one reason and undoes its trial changes."""
 
 from dataclasses import replace
 from types import SimpleNamespace
@@ -155,3 +156,23 @@ def test_a_pool_grows_when_todays_traffic_outgrows_yesterdays_peak():
     assert np.mean(ttft(grown)[second]) < 0.5 * np.mean(ttft(fixed)[second])
     # the first burst, before any of today's windows is counted, is served alike
     assert np.mean(ttft(grown)[~second]) == pytest.approx(np.mean(ttft(fixed)[~second]))
+
+
+def test_the_diagnosis_accounts_for_every_miss_and_undoes_its_trials():
+    # sim/diagnose.py: each missed request gets one reason, and a trial change is gone after its block
+    from sim import diagnose, sizing
+    from warmer import placement
+
+    def current():
+        return sizing.size, placement._gpu_util, placement._demand, vars(WarmServe)["_forecast_use"]
+
+    before = current()
+    with diagnose.trial(["minbatch8", "util", "burstm"]):
+        assert all(a is not b for a, b in zip(current(), before, strict=True))
+    assert all(a is b for a, b in zip(current(), before, strict=True))
+    sc = periodic()
+    r = diagnose.run(sc, "warmserve", detail=True)
+    requests = sum(f["requests"] for f in r["functions"])
+    misses = sum(f["misses"] for f in r["functions"])
+    assert misses == sum(r["why"].values()) == round((1 - r["slo_attainment"]) * requests)
+    assert r["slo_attainment"] == run_policy(sc, "warmserve")[1]["slo_attainment"]  # instrumenting changes nothing

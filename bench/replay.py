@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -140,6 +141,16 @@ def predict(sc: Scenario, policy: str, drain_s: float) -> dict:
         pol.resize_pools = False  # the live worker's KV reservation is fixed (replay_setup.live_pool)
     _, s = run_policy(sc, policy, max_drain_s=drain_s, policy=pol)
     return {k: s[k] for k in KEYS} | {"states": s["states"]}
+
+
+def gpu_name() -> str:
+    """The GPU's product name as nvidia-smi reports it (the worker's device string is only "cuda:0")."""
+    try:
+        query = ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"]
+        out = subprocess.run(query, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown GPU"
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "unknown GPU"
 
 
 def run_one(stack: Stack, setup: Setup, policy: str, rate: float, profile: Profile, lead_in_s: float, drain_s: float
@@ -338,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         profile, loads = measured_profile(stack, setup, base)
         stack.warm_up(setup.names)
         log.info("stack up, loads measured after %.0f s: %s", time.time() - t_start, loads["loads"])
-        device = "cpu (dry run)" if args.dry_run else stack.workers()[0].device
+        device = "cpu (dry run)" if args.dry_run else f"{stack.workers()[0].device} ({gpu_name()})"
         old = json.loads(args.out.read_text()) if args.append and args.out.exists() else None
         doc = {
             "device": device,

@@ -5,6 +5,7 @@ For each shape (Llama-3-8B and Llama-3.2-1B, random bf16 weights generated on th
   64 concurrent requests (512 in, 128 out), and transformers ``generate`` on the same prompts (unless
   --skip-transformers);
 - prefix: time to first token of a request sharing a 2048-token prefix with the one before, over the first's;
+  then again with the decode kernel's split-context variant off (``*_unsplit``), to show what it gains;
 - steady: 256 requests in flight (closed loop), sizes drawn from the Azure LLM 2023 conversation trace, output
   tokens/s over the window where all 256 run, against the roofline of the very steps the engine ran (each
   decode step reads the weights and every sequence's KV at HBM speed, each prefill runs at the matmul rate, a
@@ -22,11 +23,13 @@ grammar and logprobs instead adds its figures to the file's "cost_runs" list, on
 
     PYTHONPATH=. python3 bench/engine.py [--shapes 8b,1b] [--parts base,prefix,steady,grammar,logprobs,fp8] [--out ...]
     PYTHONPATH=. python3 bench/engine.py --dry-run   # every part on CPU with tiny shapes, to check the script
+    PYTHONPATH=. python3 bench/engine.py --unsplit-decode ...   # decode attention never split (the old kernel grid)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -44,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.grammar_cost import bench_grammar  # noqa: E402
 from bench.logprobs_cost import bench_logprobs  # noqa: E402
 from gpu_runtime import Engine, SamplingParams  # noqa: E402
-from gpu_runtime.engine import ops  # noqa: E402
+from gpu_runtime.engine import attention, ops  # noqa: E402
 from gpu_runtime.engine.sequence import Status  # noqa: E402
 from gpu_runtime.fp8 import quantize_rows, scaled_mm_supported  # noqa: E402
 from gpu_runtime.weights import plan_weights  # noqa: E402
@@ -292,6 +295,32 @@ def first_token_s(engine: Engine, prompt: list[int]) -> float:
 
 
 def bench_prefix(engine: Engine, cfg: dict, rng: torch.Generator, z: Sizes) -> dict:
+    """``prefix_ttft``, then the same with the split-context decode kernel off (keys ending ``_unsplit``): a hit's
+    tail runs as decode rows, whose attention over the cached prefix is what the split spreads over the GPU."""
+    r = prefix_ttft(engine, cfg, rng, z)
+    with unsplit_decode(engine):
+        r |= {f"{k}_unsplit": v for k, v in prefix_ttft(engine, cfg, rng, z).items()}
+    rows = next(b for b in engine.runner.graph_sizes if b >= z.suffix_len)  # the hit's decode graph
+    width = engine.runner.max_blocks_per_seq * engine.block_size
+    r["prefix_hit_decode_splits"] = attention.decode_splits(rows, cfg["num_key_value_heads"], width, engine.device)
+    return r
+
+
+@contextlib.contextmanager
+def unsplit_decode(engine: Engine):
+    """Decode attention without the split-context variant; the decode graphs are recaptured on the way in and out
+    (a captured graph keeps the split count it was captured with)."""
+    saved = attention.MAX_SPLITS
+    attention.MAX_SPLITS = 1
+    engine.runner.graphs.clear()
+    try:
+        yield
+    finally:
+        attention.MAX_SPLITS = saved
+        engine.runner.graphs.clear()
+
+
+def prefix_ttft(engine: Engine, cfg: dict, rng: torch.Generator, z: Sizes) -> dict:
     """TTFT of a request whose 2048-token prefix the previous request left in the cache, over that one's."""
     vocab = cfg["vocab_size"]
 
@@ -478,7 +507,7 @@ def bench_shape(key: str, path: str, cfg: dict, rates: dict, z: Sizes, parts: se
         log("base", {k: v for k, v in r.items() if not isinstance(v, dict)})
     if "prefix" in parts:
         r |= bench_prefix(engine, cfg, rng, z)
-        log("prefix", r["prefix_hit_ttft_ratio"])
+        log("prefix", r["prefix_hit_ttft_ratio"], "unsplit", r["prefix_hit_ttft_ratio_unsplit"])
     if "steady" in parts:
         r |= steady_keys(bench_steady(engine, cfg, rates, z, fp8=False), "steady_c256")
         log("steady bf16", r["steady_c256_tok_s"], r["steady_c256_roofline_tok_s"])
@@ -601,6 +630,8 @@ def main() -> None:
     parser.add_argument("--steady-requests", type=int, default=512, help="requests sent in the steady run")
     parser.add_argument("--out", default="bench/results/engine.json")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--unsplit-decode", action="store_true",
+                        help="decode attention without its split-context variant (every part), to compare")  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="every part on CPU, tiny shapes, to check the script")
     parser.add_argument("--cost-steps", type=int, help="grammar, logprobs: decode steps per window (default 256)")
     parser.add_argument("--cost-rounds", type=int, help="grammar, logprobs: rounds of base and variants (default 5)")
@@ -613,6 +644,8 @@ def main() -> None:
     else:
         args.device = "cuda"
     parts = set(args.parts.split(","))
+    if args.unsplit_decode:
+        attention.MAX_SPLITS = 1
     z = Sizes(args.dry_run, args.steady_requests)
     z.cost_steps, z.cost_rounds = args.cost_steps or z.cost_steps, args.cost_rounds or z.cost_rounds
     assert z.steady_requests > z.concurrency, "the steady window needs more requests than are in flight"
@@ -680,6 +713,7 @@ def write(out: str, shapes: dict, rates: dict, device: str) -> None:
         "hbm_read_bandwidth_tb_s": rates["bandwidth"] / 1e12,
         "bf16_matmul_tflop_s": rates["flops"] / 1e12,
         "fp8_matmul_tflop_s": rates["fp8_flops"] / 1e12,
+        "decode_max_splits": attention.MAX_SPLITS,
         "torch": torch.__version__,
         "command": "PYTHONPATH=. python3 bench/engine.py " + " ".join(sys.argv[1:]),
         "shapes": shapes,

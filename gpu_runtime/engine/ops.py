@@ -13,6 +13,8 @@ The same GEMV reads FP8 weights and applies their per-row scale (gpu_runtime/fp8
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -114,21 +116,51 @@ def _gemv_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return _fused(x) and x.shape[0] == 1 and weight.stride(1) == 1
 
 
+class GemvConfig(NamedTuple):
+    rows: int  # output rows per program (a power of 2)
+    block_k: int  # K tile width (a power of 2)
+    num_warps: int
+    num_stages: int
+
+
+# The batch-1 GEMV's launch configuration per weight dtype. One row per program and 2048-wide K tiles were the best
+# single bf16 choice over the Llama 1B/8B projections in a sweep of rows (1-8), tile width (512-2048), warps and
+# stages; FP8 rows take 4096-wide tiles, the same bytes per load (not swept). bench/gemv_sweep.py sweeps both on
+# the device and prints the best entry per dtype (and per shape, for GEMV_SHAPES) ready to paste here.
+GEMV_CONFIG: dict[str, GemvConfig] = {
+    "bf16": GemvConfig(rows=1, block_k=2048, num_warps=4, num_stages=1),
+    "fp8": GemvConfig(rows=1, block_k=4096, num_warps=4, num_stages=1),
+}
+# Per-shape overrides, keyed by (dtype, N, K): empty until a sweep shows a shape that gains from its own config.
+GEMV_SHAPES: dict[tuple[str, int, int], GemvConfig] = {}
+
+
+def gemv_config(fp8: bool, n: int, k: int) -> GemvConfig:
+    dtype = "fp8" if fp8 else "bf16"
+    return GEMV_SHAPES.get((dtype, n, k), GEMV_CONFIG[dtype])
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor | Fp8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear (or the FP8 linear); a Triton GEMV for one contiguous row on CUDA."""
     fp8 = isinstance(weight, Fp8Weight)
     w = weight.weight if fp8 else weight
     if not _gemv_ok(x, w) or not x.is_contiguous():
         return fp8_linear(x, weight, bias) if fp8 else F.linear(x, weight, bias)
+    return gemv(x, w, bias, weight.scale if fp8 else None, gemv_config(fp8, *w.shape))
+
+
+def gemv(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None, cfg: GemvConfig
+) -> torch.Tensor:
+    """``x`` [1, K] @ ``w`` [N, K]^T (times ``scale`` [N], plus ``bias`` [N]) -> [1, N] in x's dtype, one Triton
+    launch. Separate from ``linear`` so bench/gemv_sweep.py times every configuration through the same code."""
     n, k = w.shape
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    # One row per program and 2048-wide K tiles: the best single choice over the Llama 1B/8B projections in a
-    # sweep of rows (1-8), tile width (512-2048), warps and pipelining stages. FP8 rows take 4096-wide tiles:
-    # the same bytes per load (not swept).
-    block_k = min(4096 if fp8 else 2048, triton.next_power_of_2(k))
-    _gemv_kernel[(n,)](
-        x, w, bias if bias is not None else x, weight.scale if fp8 else x, out, w.stride(0),
-        K=k, BLOCK_K=block_k, HAS_BIAS=bias is not None, HAS_SCALE=fp8, num_warps=4, num_stages=1,
+    block_k = min(cfg.block_k, triton.next_power_of_2(k))
+    _gemv_kernel[(triton.cdiv(n, cfg.rows),)](
+        x, w, bias if bias is not None else x, scale if scale is not None else x, out, n, w.stride(0),
+        K=k, ROWS=cfg.rows, BLOCK_K=block_k, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out
 
@@ -136,27 +168,30 @@ def linear(x: torch.Tensor, weight: torch.Tensor | Fp8Weight, bias: torch.Tensor
 if triton is not None:
 
     @triton.jit
-    def _gemv_kernel(X, W, B, S, OUT, stride_w, K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     HAS_SCALE: tl.constexpr):  # fmt: skip
-        row = tl.program_id(0)
-        w_row = W + row.to(tl.int64) * stride_w
+    def _gemv_kernel(X, W, B, S, OUT, N, stride_w, K: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr):  # fmt: skip
+        # ROWS output rows per program: fewer, longer programs (more bytes in flight each) for the large matrices.
+        # Rows past N (the last program of an N not divisible by ROWS) read row N - 1 again and are not stored, so
+        # no weight load needs a row mask.
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        w_rows = W + tl.minimum(rows, N - 1).to(tl.int64)[:, None] * stride_w
         kk = tl.arange(0, BLOCK_K)
-        acc = tl.zeros([BLOCK_K], tl.float32)
+        acc = tl.zeros([ROWS, BLOCK_K], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + kk
             if K % BLOCK_K == 0:
-                acc += tl.load(w_row + k).to(tl.float32) * tl.load(X + k).to(tl.float32)
+                acc += tl.load(w_rows + k[None, :]).to(tl.float32) * tl.load(X + k).to(tl.float32)[None, :]
             else:
                 m = k < K
-                acc += tl.load(w_row + k, mask=m, other=0.0).to(tl.float32) * tl.load(X + k, mask=m, other=0.0).to(
-                    tl.float32
-                )
-        y = tl.sum(acc, 0)
-        if HAS_SCALE:  # an FP8 row: its per-channel scale
-            y *= tl.load(S + row)
+                w = tl.load(w_rows + k[None, :], mask=m[None, :], other=0.0).to(tl.float32)
+                acc += w * tl.load(X + k, mask=m, other=0.0).to(tl.float32)[None, :]
+        y = tl.sum(acc, 1)
+        live = rows < N
+        if HAS_SCALE:  # FP8 rows: their per-channel scales
+            y *= tl.load(S + rows, mask=live, other=0.0)
         if HAS_BIAS:
-            y += tl.load(B + row).to(tl.float32)
-        tl.store(OUT + row, y.to(OUT.dtype.element_ty))
+            y += tl.load(B + rows, mask=live, other=0.0).to(tl.float32)
+        tl.store(OUT + rows, y.to(OUT.dtype.element_ty), mask=live)
 
     @triton.jit
     def _add_rms_norm_kernel(X, R, W, OUT, RES_OUT, eps, N: tl.constexpr, BLOCK: tl.constexpr,

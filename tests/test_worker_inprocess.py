@@ -251,6 +251,44 @@ def test_a_slow_load_never_stalls_another_models_activation_and_requests(r, tiny
         worker.stop()
 
 
+def test_a_model_held_by_a_long_transition_stalls_nobody_else(r, tiny_model):
+    # Seen live: while one model's lock was held for seconds (a load), the engine thread waited for it before
+    # stepping any model, and the consumer waited for it before starting any other request.
+    worker = new_worker(r)
+    held, release = threading.Event(), threading.Event()
+
+    def transition():  # what a control job's load does: hold the model's lock, reported as moving
+        with worker.models.lock("busy"):
+            with worker.models._lock:
+                worker.models._moving.add("busy")
+            held.set()
+            release.wait(30)
+            with worker.models._lock:
+                worker.models._moving.discard("busy")
+
+    try:
+        deploy(r, tiny_model, name="busy")
+        deploy(r, tiny_model, name="free")
+        for fn in ("busy", "free"):
+            assert worker.apply_control(ControlAction.ACTIVATE, fn) == ModelState.HOT
+        running = invoke(r, [5, 6, 7], name="free", max_tokens=64)  # stepping while the lock is taken
+        wait_for(lambda: worker.running.of("free"), 10, "the free model's request to start")
+        mover = threading.Thread(target=transition)
+        mover.start()
+        held.wait(10)
+        waiting = invoke(r, [1, 2, 3], name="busy")  # read before the transition ends: it must wait, not block
+        wait_for(lambda: "busy" in worker.streamer.waiting, 10, "the busy model's request to wait")
+        t0 = time.monotonic()
+        assert isinstance(answer(r, invoke(r, [4, 5], name="free"), timeout_s=15)[-1], Done)
+        assert isinstance(answer(r, running, timeout_s=15)[-1], Done)
+        assert time.monotonic() - t0 < 15 and mover.is_alive()  # all inside the transition
+        release.set()
+        assert isinstance(answer(r, waiting, timeout_s=20)[-1], Done)  # and the waiting request is served after
+    finally:
+        release.set()
+        worker.stop()
+
+
 def test_a_request_for_a_warm_model_takes_kv_room_from_an_idle_hot_one(r, tiny_model):
     """A pool with room for two models' weights but one KV cache: a request for the WARM one is served (the idle
     HOT one steps down to WARM) instead of failing with 503 because nothing WARM was left to evict."""

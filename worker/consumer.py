@@ -56,7 +56,7 @@ class Consumer:
         """Judge no worker dead for `seconds` (after a Redis outage, when every heartbeat is stale)."""
         self.last_reclaim = max(self.last_reclaim, time.monotonic() + seconds)
 
-    def consume_once(self, states: dict[str, ModelState], stopping: threading.Event) -> None:
+    def consume_once(self, states: dict[str, ModelState], stopping: threading.Event, block_ms: int = 200) -> None:
         """One blocking read over the streams of every servable function (and, once per heartbeat, a reclaim)."""
         now = time.monotonic()
         if now - self.last_reclaim > self.settings.heartbeat_s:
@@ -66,7 +66,7 @@ class Consumer:
         if not streams:
             stopping.wait(0.1)
             return
-        got = self.r.xreadgroup(keys.GROUP, self.worker_id, streams, count=self.settings.read_batch, block=200)
+        got = self.r.xreadgroup(keys.GROUP, self.worker_id, streams, count=self.settings.read_batch, block=block_ms)
         for stream, entries in got or []:
             self.start(stream.decode(), entries)
 

@@ -189,6 +189,11 @@ class Models:
         assert engine is not None, f"{spec.name}: activate left no engine"
         return engine
 
+    def moving(self, function: str) -> bool:
+        """Whether a transition (load, eviction) is moving `function`'s model right now."""
+        with self._lock:
+            return function in self._moving
+
     def hot_engine(self, function: str) -> ServingEngine | None:
         with self._lock:
             return self._engines.get(function)

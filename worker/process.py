@@ -187,7 +187,8 @@ class Worker:
         if now - self._specs_checked > self.settings.registry_check_s:
             self._specs_checked = now
             self.refresh_specs()
-        self.consumer.consume_once(self.models.states(), self.stopping)
+        # requests waiting for a model are tried after each read: read briefly while there are some
+        self.consumer.consume_once(self.models.states(), self.stopping, 20 if self.streamer.waiting else 200)
         self.streamer.retry_waiting()
 
     def step_once(self) -> None:

@@ -109,14 +109,21 @@ class Streamer:
             for run in runs:
                 self.refuse(run, failure(function, NotDeployed(f"function '{function}' is not deployed")))
             return
+        lock = self.models.lock(spec.name)
+        if not lock.acquire(blocking=False):
+            if self.models.moving(spec.name):
+                # The warmer is moving this model (a load from disk takes seconds): the requests wait beside this
+                # thread, which goes on starting other models' requests, and are tried again after each read.
+                self.waiting[function] = self.waiting.get(function, []) + runs
+                return
+            lock.acquire()  # the engine thread's step, or a short action: wait for it
         started = 0
         try:
-            with self.models.lock(spec.name):
-                engine = self.engine_for(spec)
-                self.models.tokenizer(spec)  # a broken tokenizer fails here, by cause, not in the publisher
-                for run in runs:
-                    self.start_one(spec, engine, run)
-                    started += 1
+            engine = self.engine_for(spec)
+            self.models.tokenizer(spec)  # a broken tokenizer fails here, by cause, not in the publisher
+            for run in runs:
+                self.start_one(spec, engine, run)
+                started += 1
         except PoolExhausted as exc:
             self.defer_or_refuse(spec.name, runs[started:], exc, retried)
         except Exception as exc:  # a model that can't load fails its requests, not the worker
@@ -125,6 +132,8 @@ class Streamer:
                 log.exception("cannot start %d requests on %s", len(runs) - started, spec.name)
             for run in runs[started:]:
                 self.refuse(run, answer)
+        finally:
+            lock.release()
 
     def defer_or_refuse(self, function: str, runs: list[Running], exc: PoolExhausted, retried: bool) -> None:
         """No room for the model's KV while every other model is busy: the requests wait (still pending on this
@@ -223,24 +232,37 @@ class Streamer:
         # an engine whose last requests were aborted (their clients left) is stepped until it lets them go, or
         # its KV would stay taken and the model could never step down
         for fn in {run.inv.function for run in self.running.all()} | self.models.unfinished():
-            with self.models.lock(fn):
-                engine = self.models.hot_engine(fn)
-                if engine is None or not engine.has_unfinished():
-                    continue
-                busy = True
-                began = time.perf_counter()
-                try:
-                    outs = engine.step()
-                except Exception as exc:
-                    log.exception("engine step failed for %s", fn)
-                    self.fail_function(fn, Failed(500, f"function '{fn}': engine failure: {exc}"))
-                    continue
-                self.count_step(fn, engine, outs, began)
-                if outs:  # sent under the model's lock, so after the Started of every request in it
-                    self.publisher.send(Produced(outs, time.time()))
+            # Never wait for a model's lock here: its holder may be loading it (a request's activation from disk,
+            # the warmer's prewarm: seconds), and every other model would stall meanwhile (seen live: HOT
+            # requests got their first tokens together, after a cold model's load). A model whose lock is taken,
+            # or asked for (requests being added), is stepped next round; the consumer sets `work` when it is done.
+            lock = self.models.lock(fn)
+            if not lock.acquire(blocking=False):
+                continue
+            try:
+                busy = self.step_model(fn) or busy
+            finally:
+                lock.release()
         if not busy:
             self.work.wait(0.01 if self.running.all() else 0.05)
             self.work.clear()
+
+    def step_model(self, fn: str) -> bool:
+        """One step of `fn`'s HOT engine, if it has work (the caller holds the model's lock); True if it stepped."""
+        engine = self.models.hot_engine(fn)
+        if engine is None or not engine.has_unfinished():
+            return False
+        began = time.perf_counter()
+        try:
+            outs = engine.step()
+        except Exception as exc:
+            log.exception("engine step failed for %s", fn)
+            self.fail_function(fn, Failed(500, f"function '{fn}': engine failure: {exc}"))
+            return True
+        self.count_step(fn, engine, outs, began)
+        if outs:  # sent under the model's lock, so after the Started of every request in it
+            self.publisher.send(Produced(outs, time.time()))
+        return True
 
     def feedback_once(self, timeout_s: float = 0.5) -> None:
         """Act on one message of the publisher: a request's answer is written and acknowledged (it leaves the

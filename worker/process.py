@@ -108,8 +108,8 @@ class Worker:
         return state
 
     def capture_graphs(self, function: str) -> None:
-        """Capture a model the warmer activated ahead of its traffic's CUDA graphs here, in the control job, one
-        size per hold of its lock (a request arriving meanwhile steps in between). Left to its first steps, each
+        """Capture the decode graphs of a model the warmer activated ahead of its traffic here, in the control job,
+        one size per hold of its lock (a request arriving meanwhile steps in between). Left to its first steps, each
         capture would stall the engine thread, which every model's steps share, for tens of milliseconds, and the
         first of a model shape for seconds (its kernels compile); seen live in the replay. A model activated for a
         request (worker/streamer.py) captures lazily: its request should not wait for sizes it may never use."""

@@ -9,7 +9,7 @@ beforehand in worker processes (Triton's on-disk cache then serves the timing pr
 a minute and a half on an H100.
 
 Prints JSON (and writes it with --out): per shape and dtype the best configuration, its time, the weight bytes/s it
-reaches and that rate over a copy's (read + write bytes/s of a 1 GiB device copy, measured in the run), the current
+reaches and that rate over the HBM read rate (bench/engine.py's `hbm_read_bandwidth`, measured in the run), the current
 default's time, cuBLAS's (bf16); per dtype the single configuration best over all shapes (``GEMV_CONFIG``, ready to
 paste) with the projection time per layer of each model under the default, that choice and each shape's best, and
 ``GEMV_SHAPES`` entries for shapes whose own best beats that choice by more than 5%.
@@ -33,6 +33,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 # (model, projection) -> (N, K). The engine fuses q/k/v; the separate k/v shape is there for unfused layouts.
 SHAPES = {
@@ -166,27 +167,6 @@ class Timer:
         return statistics.median(times)
 
 
-def copy_bandwidth(device: str, dry: bool) -> float:
-    """Read + write bytes/s of a device copy of 1 GiB (1 MiB for --dry-run)."""
-    x = torch.empty((1 if dry else 1024) * 1024**2 // 2, dtype=torch.bfloat16, device=device).normal_()
-    y = torch.empty_like(x)
-    y.copy_(x)
-    times = []
-    for _ in range(10):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        y.copy_(x)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return 2 * x.numel() * 2 / min(times)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
-
-
 class Shape:
     """One (shape, dtype): its weight copies, input, reference output and every configuration's time."""
 
@@ -204,6 +184,7 @@ class Shape:
         self.cublas_s: float | None = None
 
     def measure(self, cfg, timer: Timer) -> float:
+        from bench.engine import rel_err
         from gpu_runtime.engine import ops
 
         eff = effective(cfg, self.k)
@@ -227,9 +208,9 @@ class Shape:
         return self.ranked()[0]
 
 
-def summary(cfg, seconds: float, nbytes: int, copy_bw: float) -> dict:
+def summary(cfg, seconds: float, nbytes: int, hbm_bw: float) -> dict:
     return {**cfg._asdict(), "us": seconds * 1e6, "weight_gb_s": nbytes / seconds / 1e9,
-            "fraction_of_copy_bw": nbytes / seconds / copy_bw}  # fmt: skip
+            "fraction_of_hbm_read": nbytes / seconds / hbm_bw}  # fmt: skip
 
 
 def choose_table(shapes: list[Shape], fallback):
@@ -256,8 +237,10 @@ def sweep(args, pool) -> dict:
     deadline = began + args.budget_s
     space = DRY_SPACE if args.dry_run else (ROWS, BLOCK_K, WARPS, STAGES)
     shape_table = DRY_SHAPES if args.dry_run else SHAPES
-    copy_bw = copy_bandwidth(device, args.dry_run)
-    log(f"copy {copy_bw / 1e12:.2f} TB/s (read + write)")
+    from bench.engine import hbm_read_bandwidth  # after TRITON_INTERPRET is set (main)
+
+    hbm_bw = hbm_read_bandwidth(device, args.dry_run)
+    log(f"HBM read {hbm_bw / 1e12:.2f} TB/s (bench/engine.py's limit)")
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20) if device == "cuda" else 0
     timer = Timer(device, replays=1 if args.dry_run else 5)
     defaults = {d: ops.GEMV_CONFIG[d] for d in DTYPES}
@@ -293,7 +276,7 @@ def sweep(args, pool) -> dict:
             s.measure(cfg, timer)
     if time.perf_counter() > deadline:
         log("time budget spent: the sweep is partial (see configs_timed)")
-    return report(shapes, defaults, copy_bw, began, phase1_s, device)
+    return report(shapes, defaults, hbm_bw, began, phase1_s, device)
 
 
 def tasks_for(shapes: list, configs: list, per_dtype: dict | None = None) -> list[tuple]:
@@ -305,12 +288,12 @@ def tasks_for(shapes: list, configs: list, per_dtype: dict | None = None) -> lis
     return list(dict.fromkeys(tasks))
 
 
-def report(shapes: list[Shape], defaults: dict, copy_bw: float, began: float, phase1_s: float, device: str) -> dict:
+def report(shapes: list[Shape], defaults: dict, hbm_bw: float, began: float, phase1_s: float, device: str) -> dict:
     result: dict = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run, Triton interpreter)",
         "torch": torch.__version__,
         "triton": __import__("triton").__version__,
-        "copy_bandwidth_tb_s": copy_bw / 1e12,
+        "hbm_read_bandwidth_tb_s": hbm_bw / 1e12,
         "seconds": {"phase1": phase1_s, "total": time.perf_counter() - began},
         "all_correct": all(s.max_err < 1e-2 for s in shapes),
         "shapes": {},
@@ -321,8 +304,8 @@ def report(shapes: list[Shape], defaults: dict, copy_bw: float, began: float, ph
     for s in shapes:
         best = s.best()
         result["shapes"][f"{s.dtype} {s.key[0]} {s.key[1]} {s.n}x{s.k}"] = {
-            "best": summary(best, s.times[best], s.bytes, copy_bw),
-            "default": summary(defaults[s.dtype], s.times[defaults[s.dtype]], s.bytes, copy_bw),
+            "best": summary(best, s.times[best], s.bytes, hbm_bw),
+            "default": summary(defaults[s.dtype], s.times[defaults[s.dtype]], s.bytes, hbm_bw),
             "cublas_us": s.cublas_s and s.cublas_s * 1e6,
             "configs_timed": len(s.times),
             "max_rel_err": s.max_err,
